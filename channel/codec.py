@@ -49,7 +49,9 @@ def _int(v: object, bits: int, what: str) -> int:
 
 def _bytes(v: object, n: int | None, what: str, max_len: int = MAX_FRAME) -> bytes:
     if type(v) is not bytes or (n is not None and len(v) != n) or len(v) > max_len:
-        raise DecodeError(f"{what}: expected {n if n is not None else 'up to ' + str(max_len)} bytes")
+        raise DecodeError(
+            f"{what}: expected {n if n is not None else 'up to ' + str(max_len)} bytes"
+        )
     return v
 
 
@@ -97,7 +99,10 @@ def params_from_wire(v: object) -> Params:
         return Params(
             chain_id=_int(f[0], 256, "chain_id"),
             adjudicator=Address(_bytes(f[1], 20, "adjudicator")),
-            participants=(Address(_bytes(f[2], 20, "participant")), Address(_bytes(f[3], 20, "participant"))),
+            participants=(
+                Address(_bytes(f[2], 20, "participant")),
+                Address(_bytes(f[3], 20, "participant")),
+            ),
             salt=_bytes(f[4], 32, "salt"),
             challenge_duration=_int(f[5], 64, "challenge_duration"),
             app=Address(_bytes(f[6], 20, "app")),
@@ -308,7 +313,9 @@ def encode(msg: Message) -> bytes:
     """Canonical CBOR bytes of ``msg``; raises ``OversizeError`` past ``MAX_FRAME``."""
     data: bytes = cbor2.dumps([PROTOCOL_VERSION, msg.TYPE, *msg.fields()], canonical=True)
     if len(data) > MAX_FRAME:
-        raise OversizeError(f"message of {len(data)} bytes exceeds the {MAX_FRAME}-byte frame limit")
+        raise OversizeError(
+            f"message of {len(data)} bytes exceeds the {MAX_FRAME}-byte frame limit"
+        )
     return data
 
 

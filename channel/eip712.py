@@ -79,7 +79,9 @@ def state_struct_hash(state: State) -> bytes:
 def state_digest(params: Params, state: State) -> bytes:
     """The 32-byte digest both participants sign for ``state`` of channel ``params``."""
     return keccak(
-        b"\x19\x01" + domain_separator(params.chain_id, params.adjudicator) + state_struct_hash(state)
+        b"\x19\x01"
+        + domain_separator(params.chain_id, params.adjudicator)
+        + state_struct_hash(state)
     )
 
 

@@ -31,6 +31,10 @@ class StaleVersion(RemoteProtocolError):
     """A version that is replayed, rolled back, or skips ahead."""
 
 
+class ProposalConflict(RemoteProtocolError):
+    """Both parties proposed at once; both proposals are refused and may be retried."""
+
+
 class ConservationError(ChannelError):
     """An update changes the total held for some asset, or goes negative."""
 

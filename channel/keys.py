@@ -56,7 +56,7 @@ class Signer:
         return self._key
 
     def secret_bytes(self) -> bytes:
-        return self._key.secret  # type: ignore[no-any-return]
+        return self._key.secret
 
     def sign(self, digest: bytes) -> bytes:
         """Sign a 32-byte digest; libsecp256k1 always produces low-s."""

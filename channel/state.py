@@ -13,11 +13,11 @@ Pure: no I/O.  Digests and signatures live in ``channel.eip712`` and
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import NewType
+from collections.abc import Callable, Iterable
+from typing import Any, NewType, TypeAlias
 
 import attrs
-from eth_abi import encode as abi_encode
+from eth_abi.abi import encode as abi_encode
 
 from channel.errors import ConservationError
 from channel.hashing import ZERO_ADDRESS, keccak
@@ -31,19 +31,21 @@ MAX_ASSETS = 16
 MAX_APP_DATA = 16 * 1024
 ETH = Address(ZERO_ADDRESS)
 
+_Validator: TypeAlias = Callable[[Any, "attrs.Attribute[Any]", Any], None]
 
-def _bytes_len(n: int) -> object:
-    def check(inst: object, attr: attrs.Attribute[object], value: object) -> None:
+
+def _bytes_len(n: int) -> _Validator:
+    def check(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         if not isinstance(value, bytes) or len(value) != n:
             raise ValueError(f"{attr.name} must be {n} bytes")
 
     return check
 
 
-def _uint(bits: int) -> object:
+def _uint(bits: int) -> _Validator:
     limit = 2**bits - 1
 
-    def check(inst: object, attr: attrs.Attribute[object], value: object) -> None:
+    def check(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         if type(value) is not int or not 0 <= value <= limit:
             raise ValueError(f"{attr.name} must be a uint{bits}, got {value!r}")
 
@@ -54,12 +56,12 @@ def _uint(bits: int) -> object:
 class Params:
     """The fixed parameters of a channel; their ABI-encoding hashes to the channel id."""
 
-    chain_id: int = attrs.field(validator=_uint(256))  # type: ignore[arg-type]
-    adjudicator: Address = attrs.field(validator=_bytes_len(20))  # type: ignore[arg-type]
+    chain_id: int = attrs.field(validator=_uint(256))
+    adjudicator: Address = attrs.field(validator=_bytes_len(20))
     participants: tuple[Address, Address] = attrs.field()
-    salt: bytes = attrs.field(validator=_bytes_len(32))  # type: ignore[arg-type]
-    challenge_duration: int = attrs.field(validator=_uint(64))  # type: ignore[arg-type]
-    app: Address = attrs.field(default=ETH, validator=_bytes_len(20))  # type: ignore[arg-type]
+    salt: bytes = attrs.field(validator=_bytes_len(32))
+    challenge_duration: int = attrs.field(validator=_uint(64))
+    app: Address = attrs.field(default=ETH, validator=_bytes_len(20))
     channel_id: ChannelId = attrs.field(init=False, eq=False, repr=False)
 
     @participants.validator
@@ -124,9 +126,9 @@ class Params:
 class Allocation:
     """What one asset's holding in the channel is split into."""
 
-    asset: Address = attrs.field(validator=_bytes_len(20))  # type: ignore[arg-type]
+    asset: Address = attrs.field(validator=_bytes_len(20))
     balances: tuple[int, int] = attrs.field()
-    locked: int = attrs.field(default=0, validator=_uint(256))  # type: ignore[arg-type]
+    locked: int = attrs.field(default=0, validator=_uint(256))
 
     @balances.validator
     def _check_balances(self, attr: object, value: object) -> None:
@@ -146,8 +148,8 @@ class Allocation:
 class State:
     """One version of a channel's split of funds.  Versions strictly increase."""
 
-    channel_id: ChannelId = attrs.field(validator=_bytes_len(32))  # type: ignore[arg-type]
-    version: int = attrs.field(validator=_uint(64))  # type: ignore[arg-type]
+    channel_id: ChannelId = attrs.field(validator=_bytes_len(32))
+    version: int = attrs.field(validator=_uint(64))
     allocations: tuple[Allocation, ...] = attrs.field()
     app_data: bytes = attrs.field(default=b"")
     is_final: bool = attrs.field(default=False)
@@ -173,9 +175,7 @@ class State:
             raise ValueError("is_final must be a bool")
 
     @classmethod
-    def initial(
-        cls, params: Params, balances: Iterable[tuple[bytes, int, int]]
-    ) -> State:
+    def initial(cls, params: Params, balances: Iterable[tuple[bytes, int, int]]) -> State:
         """Version 0 from ``(asset, balance_of_0, balance_of_1)`` triples."""
         return cls(
             channel_id=params.channel_id,

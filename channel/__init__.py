@@ -1,0 +1,1 @@
+"""optichannel core: states, signatures, wire, update machine, store, transport, client."""

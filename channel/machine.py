@@ -1,0 +1,598 @@
+"""The update machine: one channel, two parties, no I/O (h11 style).
+
+``ChannelMachine.handle(event) -> list[output]``.  The driver performs the
+outputs in order, with one rule: every ``Persist*`` output is durable before any
+``Send*`` or ``Notify*`` output that follows it leaves the process.
+
+The rules
+---------
+S (safety): a party never signs two different states of one channel with the
+  same version.  Hence there is at most one co-signed state per version, and
+  the newest co-signed state is unique — the one the adjudicator must honour.
+  To keep S across crashes, a proposer persists its half-signed proposal
+  (``PersistProposal``) before sending it, and ``max_signed`` (the highest
+  version it ever signed) survives restarts.
+
+Propose: ``version = max_signed + 1`` and ``base_version`` names the state it
+  was computed from (the latest co-signed one, or the previous in-flight
+  proposal when pipelining).  Versions therefore go up by exactly one per
+  signed state; a rejected proposal *burns* its version, because the peer
+  holds our signature on it and could countersign it later: the next state
+  must be strictly newer so that a refute beats it on chain.
+
+Accept (responder): a proposal is accepted iff
+  1. it names this channel,                                  (``WrongChannel``)
+  2. the channel is not final,
+  3. we have no proposal of our own in flight (else: conflict, below),
+  4. ``base_version`` is our latest co-signed version and the version is
+     above everything we have signed,                          (``StaleVersion``)
+  5. every asset's total is unchanged,                    (``ConservationError``)
+  6. it is signed by the peer (low-s, v 27/28),              (``InvalidSignature``)
+  7. the acceptance policy (risk limits) agrees.
+  The responder then countersigns, ``PersistLatest``, and sends ``Accept``.
+  Anything else is answered with ``Reject`` and leaves the state unchanged.
+
+Conflict: when both parties propose at once, each rejects the other's
+  proposal (rule 3), both versions are burned, and both callers are told the
+  update is retryable.  The party with the lower address retries at once; the
+  other yields (``should_yield``) until it has accepted a proposal from the
+  peer or a short back-off passes — so a conflict costs one round trip and
+  cannot livelock.
+
+Reconnect: each side sends ``Sync`` (latest co-signed, ``max_signed``, its
+  half-signed proposals).  A newer co-signed state from the peer is checked
+  (both signatures, conservation) and adopted; the peer's half-signed
+  proposals are then handled exactly like fresh ``Propose`` messages — so each
+  is completed (accepted) or dropped (rejected), and both sides end on the same
+  latest co-signed version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeAlias
+
+import attrs
+
+from channel import codec
+from channel.codec import Accept, Open, Propose, Reject, Sync
+from channel.eip712 import state_digest
+from channel.errors import (
+    ChannelError,
+    ConservationError,
+    FundsAtRiskError,
+    InvalidSignature,
+    LocalProtocolError,
+    ProposalConflict,
+    StaleVersion,
+    UpdateRejected,
+    WrongChannel,
+)
+from channel.keys import verify
+from channel.limits import PIPELINE_WINDOW
+from channel.state import Allocation, Params, SignedState, State
+
+#: ``policy(params, latest, proposed) -> None`` to accept or a reason to reject.
+Policy: TypeAlias = Callable[[Params, State, State], "str | None"]
+Sign: TypeAlias = Callable[[bytes], bytes]
+
+REASON_CONFLICT = ProposalConflict.__name__
+
+
+# ---------------------------------------------------------------------------
+# inputs
+
+
+@attrs.frozen(kw_only=True)
+class ActionPropose:
+    """Our caller wants the next state to hold these allocations."""
+
+    update_id: int
+    allocations: tuple[Allocation, ...]
+    app_data: bytes = b""
+    is_final: bool = False
+
+
+@attrs.frozen
+class ActionConnected:
+    """The transport to the peer is up: tell it where we stand."""
+
+
+@attrs.frozen
+class ReceivePropose:
+    msg: Propose
+
+
+@attrs.frozen
+class ReceiveAccept:
+    msg: Accept
+
+
+@attrs.frozen
+class ReceiveReject:
+    msg: Reject
+
+
+@attrs.frozen
+class ReceiveSync:
+    msg: Sync
+
+
+Input: TypeAlias = (
+    ActionPropose | ActionConnected | ReceivePropose | ReceiveAccept | ReceiveReject | ReceiveSync
+)
+
+
+# ---------------------------------------------------------------------------
+# outputs
+
+
+@attrs.frozen(kw_only=True)
+class PersistProposal:
+    """Our half-signed proposal; durable before it is sent (it raises max_signed)."""
+
+    params: Params
+    base_version: int
+    state: State
+    signature: bytes
+
+
+@attrs.frozen(kw_only=True)
+class PersistLatest:
+    """A new latest co-signed state; also retires our proposals up to its version."""
+
+    params: Params
+    signed: SignedState
+
+
+@attrs.frozen(kw_only=True)
+class PersistDropProposals:
+    """Our in-flight proposals from ``from_version`` on are dead (their versions stay burned)."""
+
+    params: Params
+    from_version: int
+
+
+@attrs.frozen
+class SendMessage:
+    msg: codec.Message
+
+
+@attrs.frozen(kw_only=True)
+class NotifyAccepted:
+    """Our proposal ``update_id`` is co-signed (and durable)."""
+
+    update_id: int
+    signed: SignedState
+
+
+@attrs.frozen(kw_only=True)
+class NotifyRejected:
+    update_id: int
+    version: int
+    reason: str
+    retryable: bool
+
+
+@attrs.frozen(kw_only=True)
+class NotifyReceived:
+    """The peer's proposal is now co-signed by us (and durable)."""
+
+    signed: SignedState
+
+
+@attrs.frozen(kw_only=True)
+class NotifyProtocolError:
+    """The peer sent something we refused; state is unchanged."""
+
+    error: ChannelError
+
+
+Output: TypeAlias = (
+    PersistProposal
+    | PersistLatest
+    | PersistDropProposals
+    | SendMessage
+    | NotifyAccepted
+    | NotifyRejected
+    | NotifyReceived
+    | NotifyProtocolError
+)
+
+
+@attrs.frozen(kw_only=True)
+class InFlight:
+    update_id: int
+    proposal: Propose
+    digest: bytes
+
+
+class ChannelMachine:
+    """The update protocol of one channel as seen by one participant."""
+
+    def __init__(
+        self,
+        *,
+        params: Params,
+        me: int,
+        sign: Sign,
+        latest: SignedState | None,
+        max_signed: int,
+        pending: list[InFlight] | None = None,
+        policy: Policy | None = None,
+        window: int = PIPELINE_WINDOW,
+    ) -> None:
+        if me not in (0, 1):
+            raise ValueError("me must be 0 or 1")
+        self.params = params
+        self.me = me
+        self.peer = 1 - me
+        self._sign = sign
+        self.latest = latest
+        self.max_signed = max_signed
+        self.pending: list[InFlight] = list(pending or [])
+        self.policy = policy
+        self.window = window
+        self.my_address = params.participants[me]
+        self.peer_address = params.participants[1 - me]
+        #: The party with the higher address yields after a conflict.
+        self.should_yield = self.my_address > self.peer_address
+
+    # -- constructors -------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        params: Params,
+        me: int,
+        sign: Sign,
+        initial: State,
+        update_id: int,
+        policy: Policy | None = None,
+        window: int = PIPELINE_WINDOW,
+    ) -> tuple[ChannelMachine, list[Output]]:
+        """Start opening a channel: sign version 0 and ask the peer to countersign."""
+        if initial.version != 0 or initial.channel_id != params.channel_id:
+            raise LocalProtocolError("the initial state must be version 0 of this channel")
+        digest = state_digest(params, initial)
+        sig = sign(digest)
+        proposal = Propose(base_version=0, state=initial, signature=sig)
+        m = cls(
+            params=params,
+            me=me,
+            sign=sign,
+            latest=None,
+            max_signed=0,
+            pending=[InFlight(update_id=update_id, proposal=proposal, digest=digest)],
+            policy=policy,
+            window=window,
+        )
+        return m, [
+            PersistProposal(params=params, base_version=0, state=initial, signature=sig),
+            SendMessage(Open(params=params, state=initial, signature=sig)),
+        ]
+
+    @classmethod
+    def accept_open(
+        cls,
+        *,
+        msg: Open,
+        me: int,
+        sign: Sign,
+        policy: Policy | None = None,
+        window: int = PIPELINE_WINDOW,
+    ) -> tuple[ChannelMachine, list[Output]]:
+        """Countersign a peer's ``Open``; raises ``RemoteProtocolError`` if it is invalid.
+
+        The caller has already checked that the connection's key is the other participant
+        and that its own policy wants this channel.
+        """
+        params, state = msg.params, msg.state
+        if state.channel_id != params.channel_id:
+            raise WrongChannel("Open: the state names another channel")
+        if state.version != 0 or state.is_final:
+            raise StaleVersion("Open: the initial state must be version 0 and not final")
+        if any(a.locked for a in state.allocations):
+            raise ConservationError("Open: the initial state must lock nothing")
+        digest = state_digest(params, state)
+        verify(digest, msg.signature, params.participants[1 - me])
+        sigs: list[bytes | None] = [None, None]
+        sigs[1 - me] = msg.signature
+        sigs[me] = sign(digest)
+        signed = SignedState(state=state, signatures=(sigs[0], sigs[1]))
+        m = cls(
+            params=params,
+            me=me,
+            sign=sign,
+            latest=signed,
+            max_signed=0,
+            policy=policy,
+            window=window,
+        )
+        accept = Accept(channel_id=params.channel_id, version=0, signature=sigs[me] or b"")
+        return m, [
+            PersistLatest(params=params, signed=signed),
+            SendMessage(accept),
+            NotifyReceived(signed=signed),
+        ]
+
+    # -- queries ------------------------------------------------------------
+
+    @property
+    def channel_id(self) -> bytes:
+        return self.params.channel_id
+
+    @property
+    def is_open(self) -> bool:
+        return self.latest is not None
+
+    def tip(self) -> State:
+        """The state the next proposal builds on: our last in-flight one, else the latest."""
+        if self.pending:
+            return self.pending[-1].proposal.state
+        if self.latest is None:
+            raise LocalProtocolError(f"channel {self.channel_id.hex()[:16]} is not open yet")
+        return self.latest.state
+
+    def window_full(self) -> bool:
+        return len(self.pending) >= self.window
+
+    def sync_message(self) -> Sync | Open:
+        if self.latest is None:
+            p = self.pending[0].proposal
+            return Open(params=self.params, state=p.state, signature=p.signature)
+        return Sync(
+            latest=self.latest,
+            max_signed=self.max_signed,
+            pending=tuple(f.proposal for f in self.pending),
+        )
+
+    # -- the dispatcher -----------------------------------------------------
+
+    def handle(self, event: Input) -> list[Output]:
+        """Advance the machine; raises only ``LocalProtocolError`` (our caller's mistake)."""
+        handler = _DISPATCH.get(type(event))
+        if handler is None:
+            raise TypeError(f"unknown input {type(event).__name__}")
+        return handler(self, event)
+
+    # -- local actions ------------------------------------------------------
+
+    def _on_propose_action(self, ev: ActionPropose) -> list[Output]:
+        tip = self.tip()
+        if self.latest is not None and self.latest.state.is_final:
+            raise LocalProtocolError(f"channel {self.channel_id.hex()[:16]} is final")
+        if tip.is_final:
+            raise LocalProtocolError("a final state is already in flight")
+        if self.window_full():
+            raise LocalProtocolError(f"pipeline window of {self.window} is full")
+        version = self.max_signed + 1
+        new = State(
+            channel_id=self.params.channel_id,
+            version=version,
+            allocations=ev.allocations,
+            app_data=ev.app_data,
+            is_final=ev.is_final,
+        )
+        try:
+            tip.check_successor(new)
+        except ConservationError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        digest = state_digest(self.params, new)
+        sig = self._sign(digest)
+        proposal = Propose(base_version=tip.version, state=new, signature=sig)
+        self.max_signed = version
+        self.pending.append(InFlight(update_id=ev.update_id, proposal=proposal, digest=digest))
+        return [
+            PersistProposal(params=self.params, base_version=tip.version, state=new, signature=sig),
+            SendMessage(proposal),
+        ]
+
+    def _on_connected(self, ev: ActionConnected) -> list[Output]:
+        return [SendMessage(self.sync_message())]
+
+    # -- the peer's messages -------------------------------------------------
+
+    def _reject(self, state: State, digest: bytes, err: ChannelError) -> list[Output]:
+        reason = f"{type(err).__name__}: {err}"[: codec.MAX_REASON]
+        return [
+            SendMessage(
+                Reject(
+                    channel_id=self.params.channel_id,
+                    version=state.version,
+                    state_hash=digest,
+                    reason=reason,
+                )
+            ),
+            NotifyProtocolError(error=err),
+        ]
+
+    def _on_propose(self, ev: ReceivePropose) -> list[Output]:
+        p = ev.msg
+        state = p.state
+        digest = state_digest(self.params, state)
+        try:
+            self._check_proposal(p, digest)
+        except ChannelError as err:
+            return self._reject(state, digest, err)
+        if self.policy is not None and self.latest is not None:
+            reason = self.policy(self.params, self.latest.state, state)
+            if reason is not None:
+                return self._reject(state, digest, UpdateRejected(reason, reason=reason))
+        my_sig = self._sign(digest)
+        sigs: list[bytes | None] = [None, None]
+        sigs[self.me] = my_sig
+        sigs[self.peer] = p.signature
+        signed = SignedState(state=state, signatures=(sigs[0], sigs[1]))
+        self.latest = signed
+        self.max_signed = state.version
+        return [
+            PersistLatest(params=self.params, signed=signed),
+            SendMessage(
+                Accept(channel_id=self.params.channel_id, version=state.version, signature=my_sig)
+            ),
+            NotifyReceived(signed=signed),
+        ]
+
+    def _check_proposal(self, p: Propose, digest: bytes) -> None:
+        state = p.state
+        cid = self.params.channel_id.hex()[:16]
+        if state.channel_id != self.params.channel_id:
+            raise WrongChannel(f"proposal names channel {state.channel_id.hex()[:16]}, not {cid}")
+        if self.latest is None:
+            raise StaleVersion(f"channel {cid} is still opening")
+        if self.latest.state.is_final:
+            raise LocalProtocolError(f"channel {cid} is final")
+        if self.pending:
+            raise ProposalConflict(
+                f"channel {cid} v{state.version} crosses our own proposal "
+                f"v{self.pending[0].proposal.state.version}"
+            )
+        if p.base_version != self.latest.state.version:
+            raise StaleVersion(
+                f"channel {cid} v{state.version}: built on v{p.base_version}, "
+                f"our latest is v{self.latest.state.version}"
+            )
+        if state.version <= self.max_signed:
+            raise StaleVersion(
+                f"channel {cid} v{state.version}: replayed or rolled back "
+                f"(we have signed up to v{self.max_signed})"
+            )
+        self.latest.state.check_successor(state)
+        verify(digest, p.signature, self.peer_address)
+
+    def _on_accept(self, ev: ReceiveAccept) -> list[Output]:
+        a = ev.msg
+        cid = self.params.channel_id.hex()[:16]
+        if a.channel_id != self.params.channel_id:
+            return [
+                NotifyProtocolError(error=WrongChannel(f"Accept for another channel than {cid}"))
+            ]
+        if not self.pending or self.pending[0].proposal.state.version != a.version:
+            return [
+                NotifyProtocolError(
+                    error=StaleVersion(
+                        f"channel {cid}: Accept for v{a.version} we are not awaiting"
+                    )
+                )
+            ]
+        head = self.pending[0]
+        try:
+            verify(head.digest, a.signature, self.peer_address)
+        except InvalidSignature as err:
+            return [NotifyProtocolError(error=err)]
+        sigs: list[bytes | None] = [None, None]
+        sigs[self.me] = head.proposal.signature
+        sigs[self.peer] = a.signature
+        signed = SignedState(state=head.proposal.state, signatures=(sigs[0], sigs[1]))
+        self.latest = signed
+        self.pending.pop(0)
+        return [
+            PersistLatest(params=self.params, signed=signed),
+            NotifyAccepted(update_id=head.update_id, signed=signed),
+        ]
+
+    def _drop_from(self, index: int, reason: str, retryable: bool) -> list[Output]:
+        dead = self.pending[index:]
+        del self.pending[index:]
+        out: list[Output] = [
+            PersistDropProposals(params=self.params, from_version=dead[0].proposal.state.version)
+        ]
+        for i, f in enumerate(dead):
+            out.append(
+                NotifyRejected(
+                    update_id=f.update_id,
+                    version=f.proposal.state.version,
+                    reason=reason
+                    if i == 0
+                    else f"built on rejected v{dead[0].proposal.state.version}",
+                    retryable=retryable or i > 0,
+                )
+            )
+        return out
+
+    def _on_reject(self, ev: ReceiveReject) -> list[Output]:
+        r = ev.msg
+        for i, f in enumerate(self.pending):
+            if f.proposal.state.version == r.version and f.digest == r.state_hash:
+                retryable = r.reason.startswith(REASON_CONFLICT)
+                return self._drop_from(i, r.reason, retryable)
+        # A reject for something already resolved (e.g. after a resync): nothing to do.
+        return []
+
+    def _on_sync(self, ev: ReceiveSync) -> list[Output]:
+        s = ev.msg
+        out: list[Output] = []
+        theirs = s.latest
+        cid = self.params.channel_id.hex()[:16]
+        mine_v = -1 if self.latest is None else self.latest.state.version
+        if theirs.state.channel_id != self.params.channel_id:
+            return [NotifyProtocolError(error=WrongChannel(f"Sync for another channel than {cid}"))]
+        if theirs.state.version > mine_v:
+            try:
+                self._check_cosigned(theirs)
+            except ChannelError as err:
+                return [NotifyProtocolError(error=err)]
+            self.latest = theirs
+            self.max_signed = max(self.max_signed, theirs.state.version)
+            out.append(PersistLatest(params=self.params, signed=theirs))
+            # Our proposals up to that version are settled one way or the other.
+            while self.pending and self.pending[0].proposal.state.version <= theirs.state.version:
+                f = self.pending.pop(0)
+                if f.proposal.state == theirs.state:
+                    out.append(NotifyAccepted(update_id=f.update_id, signed=theirs))
+                else:
+                    out.append(
+                        NotifyRejected(
+                            update_id=f.update_id,
+                            version=f.proposal.state.version,
+                            reason="superseded on resync",
+                            retryable=True,
+                        )
+                    )
+            if self.pending and self.pending[0].proposal.base_version != theirs.state.version:
+                out.extend(self._drop_from(0, "superseded on resync", True))
+        elif (
+            theirs.state.version == mine_v
+            and self.latest is not None
+            and theirs.state != self.latest.state
+        ):
+            try:
+                self._check_cosigned(theirs)
+            except ChannelError as err:
+                return [NotifyProtocolError(error=err)]
+            return [
+                NotifyProtocolError(
+                    error=FundsAtRiskError(
+                        f"channel {cid}: two different co-signed states at v{mine_v}"
+                    )
+                )
+            ]
+        for p in s.pending:
+            if p.state.version > (-1 if self.latest is None else self.latest.state.version):
+                out.extend(self._on_propose(ReceivePropose(p)))
+        return out
+
+    def _check_cosigned(self, signed: SignedState) -> None:
+        if not signed.fully_signed:
+            raise InvalidSignature("a co-signed state must carry both signatures")
+        digest = state_digest(self.params, signed.state)
+        for i in (0, 1):
+            sig = signed.signatures[i]
+            assert sig is not None
+            verify(digest, sig, self.params.participants[i])
+        if self.latest is not None:
+            self.latest.state.check_successor(signed.state)
+        elif self.pending:
+            self.pending[0].proposal.state.check_successor(signed.state)
+
+
+_DISPATCH: dict[type, Callable[[ChannelMachine, object], list[Output]]] = {
+    ActionPropose: ChannelMachine._on_propose_action,  # type: ignore[dict-item]
+    ActionConnected: ChannelMachine._on_connected,  # type: ignore[dict-item]
+    ReceivePropose: ChannelMachine._on_propose,  # type: ignore[dict-item]
+    ReceiveAccept: ChannelMachine._on_accept,  # type: ignore[dict-item]
+    ReceiveReject: ChannelMachine._on_reject,  # type: ignore[dict-item]
+    ReceiveSync: ChannelMachine._on_sync,  # type: ignore[dict-item]
+}
