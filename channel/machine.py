@@ -132,6 +132,7 @@ class PersistProposal:
     """Our half-signed proposal; durable before it is sent (it raises max_signed)."""
 
     params: Params
+    me: int
     base_version: int
     state: State
     signature: bytes
@@ -269,7 +270,7 @@ class ChannelMachine:
             window=window,
         )
         return m, [
-            PersistProposal(params=params, base_version=0, state=initial, signature=sig),
+            PersistProposal(params=params, me=me, base_version=0, state=initial, signature=sig),
             SendMessage(Open(params=params, state=initial, signature=sig)),
         ]
 
@@ -385,7 +386,9 @@ class ChannelMachine:
         self.max_signed = version
         self.pending.append(InFlight(update_id=ev.update_id, proposal=proposal, digest=digest))
         return [
-            PersistProposal(params=self.params, base_version=tip.version, state=new, signature=sig),
+            PersistProposal(
+                params=self.params, me=self.me, base_version=tip.version, state=new, signature=sig
+            ),
             SendMessage(proposal),
         ]
 
