@@ -1,0 +1,404 @@
+"""The BOLT 8 transport over real TCP sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+
+import pytest
+import trio
+from coincurve import PrivateKey
+
+from channel import noise
+from channel.errors import HandshakeError, OversizeError, PeerTimeout, TransportError
+from channel.keys import Signer
+from channel.limits import MAX_FRAME
+from channel.noise import ACT_TWO_SIZE, Initiator, NoiseSession
+from channel.transport import (
+    Connection,
+    Handler,
+    Listening,
+    PeerAddress,
+    connect,
+    parse_peer_address,
+    serve,
+)
+
+# Every test finishes in well under a second; this catches a hang, not slowness.
+TEST_DEADLINE = 20
+
+
+async def start_server(
+    nursery: trio.Nursery, handler: Handler, handshake_timeout: float = 5.0
+) -> tuple[Signer, PeerAddress]:
+    signer = Signer.generate()
+    listening: Listening = await nursery.start(
+        partial(serve, signer, handler, handshake_timeout=handshake_timeout)
+    )
+    assert listening.port > 0
+    return signer, PeerAddress(node_id=signer.node_id, host="127.0.0.1", port=listening.port)
+
+
+async def echo(conn: Connection) -> None:
+    while True:
+        try:
+            msg = await conn.receive()
+        except TransportError:
+            return
+        await conn.send(msg)
+
+
+async def wait_dropped(stream: trio.SocketStream) -> None:
+    """Return once the server has closed ``stream`` (FIN or RST)."""
+    try:
+        while await stream.receive_some(1024):
+            pass
+    except trio.BrokenResourceError:
+        pass
+
+
+async def receive_exactly(stream: trio.SocketStream, size: int) -> bytes:
+    buf = b""
+    while len(buf) < size:
+        chunk = await stream.receive_some(size - len(buf))
+        assert chunk, "server hung up"
+        buf += chunk
+    return buf
+
+
+async def raw_handshake(address: PeerAddress) -> tuple[trio.SocketStream, NoiseSession]:
+    """A hand-driven initiator, so a test can put arbitrary bytes on the wire afterwards."""
+    stream = await trio.open_tcp_stream(address.host, address.port)
+    initiator = Initiator(PrivateKey(), address.node_id)
+    await stream.send_all(initiator.act_one())
+    act_three, session = initiator.receive_act_two(await receive_exactly(stream, ACT_TWO_SIZE))
+    await stream.send_all(act_three)
+    return stream, session
+
+
+# --- addressing -------------------------------------------------------------
+
+
+def test_peer_address_round_trips_through_str() -> None:
+    """parse_peer_address(str(a)) == a, for IPv4, names and bracketed IPv6."""
+    node_id = Signer.generate().node_id
+    for host in ("127.0.0.1", "node.example.org", "::1"):
+        address = PeerAddress(node_id=node_id, host=host, port=9735)
+        text = str(address)
+        assert parse_peer_address(text) == address
+        assert PeerAddress.parse(text) == address
+    assert str(PeerAddress(node_id=node_id, host="::1", port=1)).endswith("@[::1]:1")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "127.0.0.1:9735",
+        "02" + "ab" * 32 + "@127.0.0.1",
+        "02" + "ab" * 32 + "@127.0.0.1:0",
+        "02" + "ab" * 32 + "@127.0.0.1:65536",
+        "02" + "ab" * 32 + "@127.0.0.1:port",
+        "02" + "ab" * 32 + "@:9735",
+        "02" + "ab" * 32 + "@::1:9735",
+        "02" + "ab" * 31 + "@127.0.0.1:9735",
+        "zz" + "ab" * 32 + "@127.0.0.1:9735",
+        "04" + "ab" * 32 + "@127.0.0.1:9735",
+        "02" + "ff" * 32 + "@127.0.0.1:9735",
+    ],
+)
+def test_bad_peer_addresses_are_value_errors(text: str) -> None:
+    """Malformed addresses, ports out of range and keys off the curve raise ValueError."""
+    with pytest.raises(ValueError):
+        parse_peer_address(text)
+
+
+# --- connecting and talking -------------------------------------------------
+
+
+async def test_handshake_and_echo_both_ways() -> None:
+    """Both sides learn each other's node id and messages flow in both directions."""
+    seen: list[bytes] = []
+
+    async def handler(conn: Connection) -> None:
+        seen.append(conn.remote_node_id)
+        await conn.send(b"hello from the responder")
+        await echo(conn)
+
+    client = Signer.generate()
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            server, address = await start_server(nursery, handler)
+            async with await connect(client, address) as conn:
+                assert conn.remote_node_id == server.node_id
+                assert await conn.receive() == b"hello from the responder"
+                for msg in (b"", b"x", os.urandom(1000), b"\x00" * MAX_FRAME):
+                    await conn.send(msg)
+                    assert await conn.receive() == msg
+            nursery.cancel_scope.cancel()
+    assert seen == [client.node_id]
+
+
+async def test_3000_messages_each_way_across_key_rotations() -> None:
+    """3000 batched messages each way arrive intact and in order (six key rotations per side)."""
+    count, batch = 3000, 100
+    messages = [i.to_bytes(4, "big") + os.urandom(i % 250) for i in range(count)]
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo)
+            conn = await connect(Signer.generate(), address)
+
+            async def sender() -> None:
+                for start in range(0, count, batch):
+                    await conn.send_many(messages[start : start + batch])
+
+            nursery.start_soon(sender)
+            for expected in messages:
+                assert await conn.receive() == expected
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_concurrent_senders_do_not_interleave_frames() -> None:
+    """Ten tasks sending at once produce only whole, decryptable frames."""
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo)
+            conn = await connect(Signer.generate(), address)
+            sent = {bytes([t]) + i.to_bytes(2, "big") * 50 for t in range(10) for i in range(100)}
+
+            async def sender(t: int) -> None:
+                for i in range(100):
+                    if i % 2:
+                        await conn.send(bytes([t]) + i.to_bytes(2, "big") * 50)
+                    else:
+                        await conn.send_many([bytes([t]) + i.to_bytes(2, "big") * 50])
+
+            async with trio.open_nursery() as senders:
+                for t in range(10):
+                    senders.start_soon(sender, t)
+                got = {await conn.receive() for _ in range(len(sent))}
+            assert got == sent
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_wrong_expected_remote_key_fails_the_handshake() -> None:
+    """Dialing a listener under a key it does not hold raises HandshakeError, not a connection."""
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo)
+            impostor = PeerAddress(
+                node_id=Signer.generate().node_id, host=address.host, port=address.port
+            )
+            with pytest.raises(HandshakeError):
+                await connect(Signer.generate(), impostor)
+            conn = await connect(Signer.generate(), address)
+            await conn.send(b"still serving")
+            assert await conn.receive() == b"still serving"
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_connect_to_a_closed_port_is_a_transport_error() -> None:
+    """A refused TCP connection surfaces as TransportError."""
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()
+    address = PeerAddress(node_id=Signer.generate().node_id, host="127.0.0.1", port=port)
+    with pytest.raises(TransportError):
+        await connect(Signer.generate(), address)
+
+
+async def test_initiator_times_out_on_a_silent_listener() -> None:
+    """A listener that accepts but never answers act one gives PeerTimeout within the deadline."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    address = PeerAddress(node_id=Signer.generate().node_id, host="127.0.0.1", port=port)
+    with trio.fail_after(TEST_DEADLINE):
+        with pytest.raises(PeerTimeout):
+            await connect(Signer.generate(), address, handshake_timeout=0.3)
+    for listener in listeners:
+        await listener.aclose()
+
+
+# --- hostile or broken peers ------------------------------------------------
+
+
+async def test_stalled_peer_is_dropped_while_an_honest_peer_connects() -> None:
+    """A peer stuck mid-handshake is cut off at the deadline and blocks no one else."""
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo, handshake_timeout=0.3)
+            stalled = await trio.open_tcp_stream(address.host, address.port)
+            await stalled.send_all(b"\x00" + os.urandom(20))  # 21 of act one's 50 bytes
+
+            conn = await connect(Signer.generate(), address)
+            await conn.send(b"ping")
+            assert await conn.receive() == b"ping"
+
+            start = trio.current_time()
+            await wait_dropped(stalled)
+            assert trio.current_time() - start < 5
+            await stalled.aclose()
+
+            await conn.send(b"still here")
+            assert await conn.receive() == b"still here"
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_garbage_instead_of_act_one_is_dropped_and_server_serves_on() -> None:
+    """Random bytes in place of act one get the socket closed; the next honest peer is served."""
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo)
+            for garbage in (os.urandom(50), b"\x00" + os.urandom(49), b"GET / HTTP/1.1\r\n" * 4):
+                bad = await trio.open_tcp_stream(address.host, address.port)
+                await bad.send_all(garbage)
+                await wait_dropped(bad)
+                await bad.aclose()
+            conn = await connect(Signer.generate(), address)
+            await conn.send(b"ok")
+            assert await conn.receive() == b"ok"
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_failing_handler_does_not_stop_the_server() -> None:
+    """A handler that raises closes only its own connection; later peers are served."""
+    calls = 0
+
+    async def handler(conn: Connection) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("handler bug")
+        await echo(conn)
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, handler)
+            first = await connect(Signer.generate(), address)
+            with pytest.raises(TransportError, match="closed"):
+                await first.receive()
+            second = await connect(Signer.generate(), address)
+            await second.send(b"fine")
+            assert await second.receive() == b"fine"
+            await second.aclose()
+            nursery.cancel_scope.cancel()
+    assert calls == 2
+
+
+async def test_oversize_send_raises_and_connection_keeps_working() -> None:
+    """An over-MAX_FRAME send raises OversizeError, sends nothing, and the link stays usable."""
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo)
+            conn = await connect(Signer.generate(), address)
+            with pytest.raises(OversizeError):
+                await conn.send(b"\x00" * (MAX_FRAME + 1))
+            with pytest.raises(OversizeError):
+                await conn.send_many([b"small", b"\x00" * (MAX_FRAME + 1)])
+            await conn.send(b"after")
+            assert await conn.receive() == b"after"
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_tampered_ciphertext_is_a_transport_error_and_closes() -> None:
+    """A frame with one flipped bit raises TransportError at the receiver, which hangs up."""
+    outcome_send, outcome_receive = trio.open_memory_channel[object](1)
+
+    async def handler(conn: Connection) -> None:
+        assert await conn.receive() == b"genuine"
+        try:
+            await conn.receive()
+        except TransportError as exc:
+            await outcome_send.send(exc)
+            assert conn.closed
+        else:
+            await outcome_send.send(None)
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, handler)
+            stream, session = await raw_handshake(address)
+            frame = bytearray(session.encrypt(b"genuine") + session.encrypt(b"tampered"))
+            frame[-5] ^= 0x40
+            await stream.send_all(bytes(frame))
+            outcome = await outcome_receive.receive()
+            assert isinstance(outcome, TransportError)
+            assert "bad MAC" in str(outcome)
+            await wait_dropped(stream)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_announced_oversize_length_is_refused_and_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A frame announcing more than MAX_FRAME raises OversizeError at the receiver, which hangs up."""
+    outcome_send, outcome_receive = trio.open_memory_channel[object](1)
+
+    async def handler(conn: Connection) -> None:
+        try:
+            await conn.receive()
+        except OversizeError as exc:
+            await outcome_send.send(exc)
+        else:
+            await outcome_send.send(None)
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, handler)
+            stream, session = await raw_handshake(address)
+            frame = session.encrypt(b"\x00" * 2000)
+            # MAX_FRAME is 65535, the largest a 2-byte length can say, so lower the
+            # receiver's limit to exercise the check.
+            monkeypatch.setattr(noise, "MAX_FRAME", 1000)
+            await stream.send_all(frame)
+            assert isinstance(await outcome_receive.receive(), OversizeError)
+            await wait_dropped(stream)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_peer_hanging_up_is_a_transport_error() -> None:
+    """receive() raises TransportError once the peer closes, and later sends fail too."""
+
+    async def handler(conn: Connection) -> None:
+        await conn.send(b"bye")
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, handler)
+            conn = await connect(Signer.generate(), address)
+            assert await conn.receive() == b"bye"
+            with pytest.raises(TransportError, match="peer closed"):
+                await conn.receive()
+            with pytest.raises(TransportError):
+                await conn.send(b"too late")
+            nursery.cancel_scope.cancel()
+
+
+async def test_mid_frame_eof_is_reported() -> None:
+    """A peer that hangs up in the middle of a frame makes receive() raise TransportError."""
+    outcome_send, outcome_receive = trio.open_memory_channel[object](1)
+
+    async def handler(conn: Connection) -> None:
+        try:
+            await conn.receive()
+        except TransportError as exc:
+            await outcome_send.send(exc)
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, handler)
+            stream, session = await raw_handshake(address)
+            await stream.send_all(session.encrypt(b"cut short")[:-3])
+            await stream.aclose()
+            outcome = await outcome_receive.receive()
+            assert isinstance(outcome, TransportError)
+            assert "mid-frame" in str(outcome)
+            nursery.cancel_scope.cancel()
