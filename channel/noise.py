@@ -263,22 +263,28 @@ class CipherState:
         """One AEAD encryption with the next nonce (empty associated data)."""
         n = self.nonce
         out = self._aead.encrypt(_nonce(n), plaintext, None)
-        self._advance(n + 1)
+        n += 1
+        if n == ROTATE_AFTER:
+            self._rotate()
+        else:
+            self.nonce = n
         return out
 
     def decrypt(self, ciphertext: bytes | bytearray | memoryview) -> bytes:
         """One AEAD decryption with the next nonce; raises ``InvalidTag``."""
         n = self.nonce
         out = self._aead.decrypt(_nonce(n), ciphertext, None)
-        self._advance(n + 1)
+        n += 1
+        if n == ROTATE_AFTER:
+            self._rotate()
+        else:
+            self.nonce = n
         return out
 
-    def _advance(self, n: int) -> None:
-        if n == ROTATE_AFTER:
-            self._ck, self._key = _hkdf(self._ck, self._key)
-            self._aead = ChaCha20Poly1305(self._key)
-            n = 0
-        self.nonce = n
+    def _rotate(self) -> None:
+        self._ck, self._key = _hkdf(self._ck, self._key)
+        self._aead = ChaCha20Poly1305(self._key)
+        self.nonce = 0
 
 
 class NoiseSession:
@@ -405,20 +411,36 @@ class NoiseSession:
         Raises ``TransportError`` / ``OversizeError`` as ``decrypt_length`` and
         ``decrypt_body`` do.
         """
+        # The same steps as decrypt_length + decrypt_body, inlined: this is
+        # the receive hot path.  Slices are copies, not memoryviews: a live
+        # view would pin the bytearray and make ``receive_data``'s compaction fail.
+        if self._broken is not None:
+            raise TransportError(f"session is broken: {self._broken}")
         buf = self._buf
         pos = self._pos
-        if self._pending < 0:
+        size = self._pending
+        receiver = self.receiver
+        if size < 0:
             if len(buf) - pos < HEADER_SIZE:
                 return None
-            self.decrypt_length(buf[pos : pos + HEADER_SIZE])
+            try:
+                (size,) = _unpack_len(receiver.decrypt(buf[pos : pos + HEADER_SIZE]))
+            except InvalidTag:
+                raise self._fail("bad MAC on frame length") from None
+            if size > MAX_FRAME:
+                self._broken = f"frame length {size} exceeds MAX_FRAME={MAX_FRAME}"
+                raise OversizeError(self._broken)
             pos += HEADER_SIZE
             self._pos = pos
-        end = pos + self._pending + MAC_SIZE
+            self._pending = size
+        end = pos + size + MAC_SIZE
         if len(buf) < end:
             return None
-        # A slice copy, not a memoryview: a live view would pin the bytearray
-        # and make the compaction in ``receive_data`` fail.
-        msg = self.decrypt_body(buf[pos:end])
+        try:
+            msg = receiver.decrypt(buf[pos:end])
+        except InvalidTag:
+            raise self._fail("bad MAC on frame body") from None
+        self._pending = -1
         self._pos = end
         return msg
 

@@ -338,7 +338,7 @@ async def test_tampered_ciphertext_is_a_transport_error_and_closes() -> None:
 async def test_announced_oversize_length_is_refused_and_closes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A frame announcing more than MAX_FRAME raises OversizeError at the receiver, which hangs up."""
+    """A frame announcing over MAX_FRAME raises OversizeError at the receiver, which hangs up."""
     outcome_send, outcome_receive = trio.open_memory_channel[object](1)
 
     async def handler(conn: Connection) -> None:
