@@ -206,6 +206,8 @@ class Connection(trio.abc.AsyncResource):
         try:
             session = self._session
             while True:
+                if self._closed:
+                    raise TransportError("connection is closed")
                 try:
                     msg = session.next_message()
                 except (TransportError, OversizeError):
@@ -213,8 +215,6 @@ class Connection(trio.abc.AsyncResource):
                     raise
                 if msg is not None:
                     return msg
-                if self._closed:
-                    raise TransportError("connection is closed")
                 try:
                     data = await self._stream.receive_some(RECEIVE_SIZE)
                 except _STREAM_ERRORS as exc:
@@ -363,6 +363,9 @@ async def _serve_one(
         conn = await handshake_responder(stream, signer, handshake_timeout=handshake_timeout)
     except TransportError as exc:
         log.info("dropped incoming connection: %s", exc)
+        return
+    except Exception:  # a bug, but one peer must not take the listener down
+        log.exception("unexpected failure in an incoming handshake")
         return
     try:
         await handler(conn)

@@ -402,3 +402,24 @@ async def test_mid_frame_eof_is_reported() -> None:
             assert isinstance(outcome, TransportError)
             assert "mid-frame" in str(outcome)
             nursery.cancel_scope.cancel()
+
+
+async def test_cancelled_receive_loses_nothing_and_closed_connection_refuses() -> None:
+    """A receive cancelled while waiting drops no message; after aclose, receive and send fail."""
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo)
+            conn = await connect(Signer.generate(), address)
+            with trio.move_on_after(0.05) as scope:
+                await conn.receive()
+            assert scope.cancelled_caught
+            await conn.send_many([b"one", b"two"])
+            assert await conn.receive() == b"one"
+            assert await conn.receive() == b"two"
+            await conn.aclose()
+            await conn.aclose()
+            with pytest.raises(TransportError, match="closed"):
+                await conn.receive()
+            with pytest.raises(TransportError, match="closed"):
+                await conn.send(b"x")
+            nursery.cancel_scope.cancel()
