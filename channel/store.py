@@ -50,7 +50,7 @@ _MIGRATIONS: dict[int, list[str]] = {
             latest_version INTEGER,
             max_signed INTEGER NOT NULL DEFAULT 0,
             status TEXT NOT NULL DEFAULT 'open',
-            created_at REAL NOT NULL DEFAULT (unixepoch('subsec'))
+            created_at REAL NOT NULL DEFAULT ((julianday('now') - 2440587.5) * 86400.0)
         ) WITHOUT ROWID""",
         """CREATE TABLE states (
             channel_id BLOB NOT NULL,
@@ -268,8 +268,8 @@ class Store:
 
 def _put_channel(db: sqlite3.Connection, op: PersistChannel) -> None:
     db.execute(
-        "INSERT OR IGNORE INTO channels (channel_id, params, me, peer_node_id, peer_addr) "
-        "VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO channels (channel_id, params, me, peer_node_id, peer_addr) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (channel_id) DO NOTHING",
         (
             op.params.channel_id,
             cbor2.dumps(codec.params_to_wire(op.params), canonical=True),

@@ -1,0 +1,702 @@
+"""The Trio channel client that a trading process embeds.
+
+One :class:`Client` owns one signing key, one store file, one listening socket
+and any number of channels with any number of peers.  It drives a
+:class:`~channel.machine.ChannelMachine` per channel and performs the machine's
+outputs with one rule (DESIGN §4): **persist, then send, then notify**.
+
+Group commit: every machine step appends its outputs to one outbox; a single
+flusher task takes everything that is there, commits all store operations in
+one SQLite transaction (one fsync, in a worker thread), then queues the frames
+on each peer's writer task, then wakes the waiting callers.  Pipelined updates
+on one channel, and updates on many channels, share fsyncs this way.
+
+Usage::
+
+    async with open_client(signer, "alice.sqlite") as alice:
+        cid = await alice.open_channel(bob_address, chain_id=1, adjudicator=adj,
+                                       challenge_duration=3600,
+                                       balances=[(ETH, 10**18, 10**18)])
+        signed = await alice.pay(cid, ETH, 10**15)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import attrs
+import trio
+import trio.lowlevel
+
+from channel import codec
+from channel.codec import Accept, Error, Open, Propose, Reject, Sync
+from channel.errors import (
+    ChannelError,
+    DecodeError,
+    LocalProtocolError,
+    PeerTimeout,
+    RemoteProtocolError,
+    TransportError,
+    UnknownPeer,
+    UpdateRejected,
+    WrongChannel,
+)
+from channel.keys import Signer, address_of_node_id
+from channel.limits import PIPELINE_WINDOW, UPDATE_TIMEOUT
+from channel.machine import (
+    ActionConnected,
+    ActionPropose,
+    ChannelMachine,
+    NotifyAccepted,
+    NotifyProtocolError,
+    NotifyReceived,
+    NotifyRejected,
+    Output,
+    PersistDropProposals,
+    PersistLatest,
+    PersistProposal,
+    Policy,
+    ReceiveAccept,
+    ReceivePropose,
+    ReceiveReject,
+    ReceiveSync,
+    SendMessage,
+)
+from channel.state import Allocation, Params, SignedState, State
+from channel.store import PersistChannel, PersistPeerAddress, Store, StoreOp
+from channel.transport import Connection, Listening, PeerAddress, connect, serve
+
+log = logging.getLogger("optichannel.client")
+
+#: ``open_policy(params, initial_state) -> None`` to accept a new channel, or a reason.
+OpenPolicy: TypeAlias = Callable[[Params, State], "str | None"]
+#: Called (synchronously, after it is durable) with every new co-signed state.
+StateListener: TypeAlias = Callable[[Params, SignedState], None]
+
+#: Frames queued for one peer before it counts as stalled and is disconnected.
+SEND_QUEUE_LIMIT = 100_000
+#: After a conflict the yielding party waits for this long a gap in the peer's proposals.
+YIELD_QUIET = 0.005
+#: Malformed frames tolerated from one connection before it is dropped.
+MAX_PEER_ERRORS = 100
+
+
+@attrs.frozen(kw_only=True)
+class Update:
+    """What a proposal changes: the result of an update function."""
+
+    allocations: tuple[Allocation, ...]
+    app_data: bytes = b""
+    is_final: bool = False
+
+
+UpdateFn: TypeAlias = Callable[[State], Update]
+
+
+@attrs.frozen(kw_only=True)
+class ChannelInfo:
+    channel_id: bytes
+    params: Params
+    peer_node_id: bytes
+    latest: SignedState | None
+    in_flight: int
+    connected: bool
+
+
+class _Waiter:
+    __slots__ = ("event", "result")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: NotifyAccepted | NotifyRejected | None = None
+
+
+class _Peer:
+    """One live connection and its writer task's queue."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.send, self.recv = trio.open_memory_channel[list[bytes]](math.inf)
+        self.queued = 0
+        self.errors = 0
+        self.closed = trio.Event()
+
+
+class _Channel:
+    def __init__(self, machine: ChannelMachine, peer_node_id: bytes, peer_addr: str | None) -> None:
+        self.machine = machine
+        self.peer_node_id = peer_node_id
+        self.peer_addr = peer_addr
+        self.durable: SignedState | None = machine.latest
+        self.space = trio.Event()  # set when the pipeline window has room
+        self.space.set()
+        self.last_incoming = -math.inf  # trio time of the last proposal we accepted
+
+
+class Client:
+    """A channel client.  Create it with :func:`open_client`."""
+
+    def __init__(
+        self,
+        signer: Signer,
+        store: Store,
+        *,
+        policy: Policy | None = None,
+        open_policy: OpenPolicy | None = None,
+        update_timeout: float = UPDATE_TIMEOUT,
+        window: int = PIPELINE_WINDOW,
+    ) -> None:
+        self.signer = signer
+        self.store = store
+        self.policy = policy
+        self.open_policy = open_policy
+        self.update_timeout = update_timeout
+        self.window = window
+        self.listening: Listening | None = None
+        self._channels: dict[bytes, _Channel] = {}
+        self._peers: dict[bytes, _Peer] = {}
+        self._dialing: set[bytes] = set()
+        self._waiters: dict[int, _Waiter] = {}
+        self._next_update = 0
+        self._ops: list[StoreOp] = []
+        self._sends: list[tuple[bytes, bytes]] = []
+        self._notes: list[Output] = []
+        self._wake = trio.Event()
+        self._listeners: list[StateListener] = []
+        self._nursery: trio.Nursery | None = None
+        self._flush_done = trio.Event()
+        self._load()
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def node_id(self) -> bytes:
+        return self.signer.node_id
+
+    @property
+    def address(self) -> bytes:
+        return self.signer.address
+
+    def peer_address(self) -> PeerAddress:
+        """``pubkey@host:port`` at which this client accepts connections."""
+        if self.listening is None:
+            raise LocalProtocolError("the client is not listening")
+        return PeerAddress(node_id=self.node_id, host=self.listening.host, port=self.listening.port)
+
+    def add_state_listener(self, fn: StateListener) -> None:
+        """Call ``fn(params, signed)`` after every new co-signed state is durable."""
+        self._listeners.append(fn)
+
+    async def connect(self, address: PeerAddress) -> None:
+        """Connect to a peer (and keep reconnecting if the link drops); returns once up."""
+        if address.node_id in self._peers:
+            return
+        ready = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._dial_loop, address, ready)
+        with trio.fail_after(self.update_timeout):
+            await ready.wait()
+
+    async def open_channel(
+        self,
+        peer: PeerAddress | bytes,
+        *,
+        chain_id: int,
+        adjudicator: bytes,
+        challenge_duration: int,
+        balances: Iterable[tuple[bytes, int, int]],
+        app: bytes = b"\x00" * 20,
+    ) -> bytes:
+        """Open a channel with ``peer`` (a ``PeerAddress``, or the node id of a connected
+        peer); ``balances`` are ``(asset, ours, theirs)``.  Returns the channel id once the
+        peer has countersigned version 0.  Raises ``UpdateRejected``, ``PeerTimeout``."""
+        if isinstance(peer, PeerAddress):
+            await self.connect(peer)
+            node_id, addr = peer.node_id, str(peer)
+        else:
+            node_id, addr = peer, None
+        if node_id not in self._peers:
+            raise TransportError(f"not connected to {node_id.hex()}")
+        peer_addr = address_of_node_id(node_id)
+        params = Params.new(
+            chain_id=chain_id,
+            adjudicator=adjudicator,
+            participants=(self.address, peer_addr),
+            challenge_duration=challenge_duration,
+            app=app,
+        )
+        initial = State.initial(params, [(asset, ours, theirs) for asset, ours, theirs in balances])
+        uid = self._new_update_id()
+        machine, outputs = ChannelMachine.open(
+            params=params,
+            me=0,
+            sign=self.signer.sign,
+            initial=initial,
+            update_id=uid,
+            policy=self.policy,
+            window=self.window,
+        )
+        self._channels[params.channel_id] = _Channel(machine, node_id, addr)
+        self._ops.append(PersistChannel(params=params, me=0, peer_node_id=node_id, peer_addr=addr))
+        waiter = self._waiters[uid] = _Waiter()
+        self._emit(node_id, outputs)
+        await self._await_result(waiter, params.channel_id, 0)
+        return params.channel_id
+
+    async def update(self, channel_id: bytes, fn: UpdateFn) -> SignedState:
+        """Propose ``fn(tip)`` as the next state and return it once co-signed and durable.
+
+        ``fn`` gets the state the proposal builds on (the latest co-signed one, or our
+        last in-flight proposal when pipelining) and may be called again if the update
+        has to be retried after a conflict.  Raises ``UpdateRejected`` (the peer or its
+        policy refused), ``LocalProtocolError`` (``fn`` broke conservation, or the
+        channel is final), ``PeerTimeout`` (no answer within ``update_timeout``: the
+        outcome is settled on reconnect).
+        """
+        ch = self._channel(channel_id)
+        deadline = trio.current_time() + self.update_timeout
+        while True:
+            with trio.move_on_at(deadline) as scope:
+                while ch.machine.window_full() or not ch.machine.is_open:
+                    if ch.space.is_set():
+                        ch.space = trio.Event()
+                    await ch.space.wait()
+            if scope.cancelled_caught:
+                raise PeerTimeout(
+                    f"channel {channel_id.hex()[:16]}: pipeline window still full after "
+                    f"{self.update_timeout}s"
+                )
+            upd = fn(ch.machine.tip())
+            uid = self._new_update_id()
+            outputs = ch.machine.handle(
+                ActionPropose(
+                    update_id=uid,
+                    allocations=upd.allocations,
+                    app_data=upd.app_data,
+                    is_final=upd.is_final,
+                )
+            )
+            waiter = self._waiters[uid] = _Waiter()
+            self._emit(ch.peer_node_id, outputs)
+            result = await self._await_result(waiter, channel_id, -1)
+            if isinstance(result, NotifyAccepted):
+                return result.signed
+            if not result.retryable:
+                raise UpdateRejected(
+                    f"channel {channel_id.hex()[:16]} v{result.version} rejected: {result.reason}",
+                    reason=result.reason,
+                )
+            if trio.current_time() >= deadline:
+                raise UpdateRejected(
+                    f"channel {channel_id.hex()[:16]}: still conflicting after "
+                    f"{self.update_timeout}s",
+                    reason="conflict",
+                )
+            if ch.machine.should_yield:
+                # Let the peer (lower address) finish its burst: wait for a quiet gap.
+                await trio.sleep(YIELD_QUIET)
+                while trio.current_time() - ch.last_incoming < YIELD_QUIET:
+                    await trio.sleep(YIELD_QUIET)
+
+    async def pay(self, channel_id: bytes, asset: bytes, amount: int) -> SignedState:
+        """Move ``amount`` of ``asset`` from us to the peer."""
+        me = self._channel(channel_id).machine.me
+
+        def fn(tip: State) -> Update:
+            allocs = []
+            for a in tip.allocations:
+                if a.asset == asset:
+                    b = list(a.balances)
+                    if b[me] < amount or amount < 0:
+                        raise LocalProtocolError(
+                            f"channel {channel_id.hex()[:16]}: cannot pay {amount}, balance {b[me]}"
+                        )
+                    b[me] -= amount
+                    b[1 - me] += amount
+                    a = attrs.evolve(a, balances=(b[0], b[1]))
+                allocs.append(a)
+            return Update(allocations=tuple(allocs), app_data=tip.app_data)
+
+        return await self.update(channel_id, fn)
+
+    def latest(self, channel_id: bytes) -> SignedState | None:
+        """The latest co-signed state that is durable in our store."""
+        return self._channel(channel_id).durable
+
+    def params(self, channel_id: bytes) -> Params:
+        return self._channel(channel_id).machine.params
+
+    def channels(self) -> list[ChannelInfo]:
+        return [
+            ChannelInfo(
+                channel_id=cid,
+                params=ch.machine.params,
+                peer_node_id=ch.peer_node_id,
+                latest=ch.durable,
+                in_flight=len(ch.machine.pending),
+                connected=ch.peer_node_id in self._peers,
+            )
+            for cid, ch in self._channels.items()
+        ]
+
+    async def wait_connected(self, node_id: bytes) -> None:
+        while node_id not in self._peers:
+            await trio.sleep(0.005)
+
+    # -- internals: channels --------------------------------------------------
+
+    def _channel(self, channel_id: bytes) -> _Channel:
+        try:
+            return self._channels[channel_id]
+        except KeyError:
+            raise LocalProtocolError(f"no channel {channel_id.hex()[:16]}") from None
+
+    def _new_update_id(self) -> int:
+        self._next_update += 1
+        return self._next_update
+
+    def _load(self) -> None:
+        for rec in self.store.load():
+            pending = [attrs.evolve(f, update_id=self._new_update_id()) for f in rec.in_flight]
+            machine = ChannelMachine(
+                params=rec.params,
+                me=rec.me,
+                sign=self.signer.sign,
+                latest=rec.latest,
+                max_signed=rec.max_signed,
+                pending=pending,
+                policy=self.policy,
+                window=self.window,
+            )
+            self._channels[rec.params.channel_id] = _Channel(
+                machine, rec.peer_node_id, rec.peer_addr
+            )
+
+    async def _await_result(
+        self, waiter: _Waiter, channel_id: bytes, version: int
+    ) -> NotifyAccepted | NotifyRejected:
+        try:
+            with trio.fail_after(self.update_timeout):
+                await waiter.event.wait()
+        except trio.TooSlowError:
+            ch = self._channels.get(channel_id)
+            if ch is not None:
+                # Force a resync: the outcome is settled when the link comes back.
+                peer = self._peers.get(ch.peer_node_id)
+                if peer is not None:
+                    await trio.aclose_forcefully(peer.conn)
+            raise PeerTimeout(
+                f"channel {channel_id.hex()[:16]}: no answer within {self.update_timeout}s; "
+                "the outcome is settled when the peer reconnects"
+            ) from None
+        assert waiter.result is not None
+        result = waiter.result
+        if isinstance(result, NotifyRejected) and version == 0:
+            raise UpdateRejected(f"channel open refused: {result.reason}", reason=result.reason)
+        return result
+
+    # -- internals: the outbox -----------------------------------------------
+
+    def _emit(self, peer: bytes, outputs: Sequence[Output]) -> None:
+        for out in outputs:
+            if isinstance(out, PersistProposal | PersistLatest | PersistDropProposals):
+                self._ops.append(out)
+            elif isinstance(out, SendMessage):
+                self._sends.append((peer, codec.encode(out.msg)))
+            else:
+                self._notes.append(out)
+        self._wake.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            ops, sends, notes = self._ops, self._sends, self._notes
+            self._ops, self._sends, self._notes = [], [], []
+            if ops:
+                # Persist, then send: nothing below leaves before this fsync returns.
+                await trio.to_thread.run_sync(self.store.apply, ops)
+            by_peer: dict[bytes, list[bytes]] = {}
+            for peer, frame in sends:
+                by_peer.setdefault(peer, []).append(frame)
+            for node_id, frames in by_peer.items():
+                p = self._peers.get(node_id)
+                if p is None:
+                    continue  # offline: the reconnect Sync carries everything that matters
+                p.queued += len(frames)
+                if p.queued > SEND_QUEUE_LIMIT:
+                    log.warning("peer %s stalled; disconnecting", node_id.hex()[:16])
+                    await trio.aclose_forcefully(p.conn)
+                    continue
+                p.send.send_nowait(frames)
+            for note in notes:
+                self._notify(note)
+            for op in ops:
+                if isinstance(op, PersistLatest):
+                    self._on_durable(op)
+
+    def _on_durable(self, op: PersistLatest) -> None:
+        ch = self._channels.get(op.params.channel_id)
+        if ch is None:
+            return
+        if ch.durable is None or op.signed.state.version > ch.durable.state.version:
+            ch.durable = op.signed
+        for fn in self._listeners:
+            try:
+                fn(op.params, op.signed)
+            except Exception:
+                log.exception("state listener failed")
+
+    def _notify(self, note: Output) -> None:
+        if isinstance(note, NotifyAccepted | NotifyRejected):
+            waiter = self._waiters.pop(note.update_id, None)
+            if waiter is not None:
+                waiter.result = note
+                waiter.event.set()
+            self._wake_channel(note)
+        elif isinstance(note, NotifyReceived):
+            ch = self._channels.get(note.signed.state.channel_id)
+            if ch is not None:
+                ch.last_incoming = trio.current_time()
+        elif isinstance(note, NotifyProtocolError):
+            log.info("refused from peer: %s", note.error)
+
+    def _wake_channel(self, note: NotifyAccepted | NotifyRejected) -> None:
+        for ch in self._channels.values():
+            if not ch.machine.window_full():
+                ch.space.set()
+
+    # -- internals: connections ----------------------------------------------
+
+    async def _dial_loop(self, address: PeerAddress, ready: trio.Event) -> None:
+        backoff = 0.05
+        self._dialing.add(address.node_id)
+        try:
+            while True:
+                try:
+                    conn = await connect(self.signer, address)
+                except TransportError as exc:
+                    log.info("dial %s failed: %s", address, exc)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                backoff = 0.05
+                await self._run_peer(conn, ready)
+                await trio.sleep(0.01)
+        finally:
+            self._dialing.discard(address.node_id)
+
+    async def _accept(self, conn: Connection) -> None:
+        await self._run_peer(conn, None)
+
+    async def _run_peer(self, conn: Connection, ready: trio.Event | None) -> None:
+        node_id = conn.remote_node_id
+        old = self._peers.get(node_id)
+        if old is not None:
+            await trio.aclose_forcefully(old.conn)
+            await old.closed.wait()
+        peer = _Peer(conn)
+        self._peers[node_id] = peer
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, peer)
+                for ch in self._channels.values():
+                    if ch.peer_node_id == node_id:
+                        self._emit(node_id, ch.machine.handle(ActionConnected()))
+                if ready is not None:
+                    ready.set()
+                await self._reader(peer)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self._peers.get(node_id) is peer:
+                del self._peers[node_id]
+            peer.closed.set()
+            await trio.aclose_forcefully(conn)
+
+    async def _writer(self, peer: _Peer) -> None:
+        async for frames in peer.recv:
+            peer.queued -= len(frames)
+            try:
+                await peer.conn.send_many(frames)
+            except TransportError:
+                await trio.aclose_forcefully(peer.conn)
+                return
+
+    async def _reader(self, peer: _Peer) -> None:
+        """Feed the peer's frames to the machines until the link fails; never raises."""
+        node_id = peer.conn.remote_node_id
+        while True:
+            try:
+                frame = await peer.conn.receive()
+            except TransportError as exc:
+                log.info("peer %s disconnected: %s", node_id.hex()[:16], exc)
+                return
+            try:
+                msg = codec.decode(frame)
+                self._dispatch(node_id, msg)
+            except (DecodeError, RemoteProtocolError) as exc:
+                peer.errors += 1
+                log.info("from %s: %s", node_id.hex()[:16], exc)
+                self._sends.append((node_id, codec.encode(Error(reason=str(exc)[:200]))))
+                self._wake.set()
+                if peer.errors > MAX_PEER_ERRORS:
+                    log.warning("peer %s sent too many bad frames; disconnecting", node_id.hex())
+                    return
+
+    def _dispatch(self, node_id: bytes, msg: codec.Message) -> None:
+        if isinstance(msg, Propose):
+            ch = self._route(node_id, msg.state.channel_id)
+            self._emit(node_id, ch.machine.handle(ReceivePropose(msg)))
+        elif isinstance(msg, Accept):
+            ch = self._route(node_id, msg.channel_id)
+            self._emit(node_id, ch.machine.handle(ReceiveAccept(msg)))
+        elif isinstance(msg, Reject):
+            ch = self._route(node_id, msg.channel_id)
+            self._emit(node_id, ch.machine.handle(ReceiveReject(msg)))
+        elif isinstance(msg, Sync):
+            ch = self._route(node_id, msg.latest.state.channel_id)
+            self._emit(node_id, ch.machine.handle(ReceiveSync(msg)))
+        elif isinstance(msg, Open):
+            self._on_open(node_id, msg)
+        elif isinstance(msg, Error):
+            log.info("peer %s reports: %s", node_id.hex()[:16], msg.reason)
+        else:  # pragma: no cover - the codec only returns the types above
+            raise TypeError(type(msg).__name__)
+
+    def _route(self, node_id: bytes, channel_id: bytes) -> _Channel:
+        ch = self._channels.get(channel_id)
+        if ch is None:
+            raise WrongChannel(f"no channel {channel_id.hex()[:16]} with {node_id.hex()[:16]}")
+        if ch.peer_node_id != node_id:
+            raise UnknownPeer(
+                f"{node_id.hex()[:16]} is not the counterparty of channel {channel_id.hex()[:16]}"
+            )
+        return ch
+
+    def _on_open(self, node_id: bytes, msg: Open) -> None:
+        params = msg.params
+        cid = params.channel_id
+        existing = self._channels.get(cid)
+        if existing is not None:
+            if existing.peer_node_id != node_id:
+                raise UnknownPeer(f"{node_id.hex()[:16]} is not a party to {cid.hex()[:16]}")
+            # A repeated Open (the opener restarted): answer with where we stand.
+            self._emit(node_id, existing.machine.handle(ActionConnected()))
+            return
+        if params.participants[1] != self.address:
+            raise UnknownPeer("Open does not name us as the second participant")
+        if params.participants[0] != address_of_node_id(node_id):
+            raise UnknownPeer("Open comes from a key that is not its first participant")
+        reason = self.open_policy(params, msg.state) if self.open_policy else None
+        if reason is not None:
+            self._sends.append(
+                (
+                    node_id,
+                    codec.encode(
+                        Reject(
+                            channel_id=cid,
+                            version=0,
+                            state_hash=_open_hash(params, msg.state),
+                            reason=f"UpdateRejected: {reason}",
+                        )
+                    ),
+                )
+            )
+            self._wake.set()
+            return
+        machine, outputs = ChannelMachine.accept_open(
+            msg=msg, me=1, sign=self.signer.sign, policy=self.policy, window=self.window
+        )
+        self._channels[cid] = _Channel(machine, node_id, None)
+        self._ops.append(PersistChannel(params=params, me=1, peer_node_id=node_id))
+        self._emit(node_id, outputs)
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def _run(
+        self, host: str, port: int | None, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._flusher)
+            if port is not None:
+                self.listening = await nursery.start(
+                    partial(serve, self.signer, self._accept, host=host, port=port)
+                )
+            for ch in self._channels.values():
+                if ch.peer_addr:
+                    addr = PeerAddress.parse(ch.peer_addr)
+                    if addr.node_id not in self._dialing:
+                        self._dialing.add(addr.node_id)
+                        nursery.start_soon(self._dial_loop, addr, trio.Event())
+            task_status.started()
+
+    async def remember_peer_address(self, channel_id: bytes, address: PeerAddress) -> None:
+        self._ops.append(PersistPeerAddress(channel_id=channel_id, peer_addr=str(address)))
+        self._wake.set()
+
+    async def drain(self) -> None:
+        """Wait until everything emitted so far is durable and handed to the sockets."""
+        while self._ops or self._sends or self._notes:
+            await trio.sleep(0.001)
+        await trio.lowlevel.checkpoint()
+
+
+def _open_hash(params: Params, state: State) -> bytes:
+    from channel.eip712 import state_digest
+
+    return state_digest(params, state)
+
+
+@asynccontextmanager
+async def open_client(
+    signer: Signer,
+    store_path: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = 0,
+    policy: Policy | None = None,
+    open_policy: OpenPolicy | None = None,
+    update_timeout: float = UPDATE_TIMEOUT,
+    window: int = PIPELINE_WINDOW,
+) -> AsyncIterator[Client]:
+    """Run a client: load (or create) the store, listen on ``host:port`` (``port=None``
+    to not listen), reconnect to known peers, and close everything cleanly on exit."""
+    store = Store(store_path, owner=signer.address)
+    client = Client(
+        signer,
+        store,
+        policy=policy,
+        open_policy=open_policy,
+        update_timeout=update_timeout,
+        window=window,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._run, host, port)
+            try:
+                yield client
+                await client.drain()
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+__all__ = [
+    "ChannelInfo",
+    "Client",
+    "OpenPolicy",
+    "StateListener",
+    "Update",
+    "UpdateFn",
+    "open_client",
+]
+
+_unused: tuple[Any, ...] = (Awaitable, ChannelError)
