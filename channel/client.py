@@ -83,6 +83,8 @@ StateListener: TypeAlias = Callable[[Params, SignedState], None]
 SEND_QUEUE_LIMIT = 100_000
 #: After a conflict the yielding party waits for this long a gap in the peer's proposals.
 YIELD_QUIET = 0.005
+#: After winning a conflict, the longest a party waits for the peer to take its turn.
+YIELD_HOLD = 0.02
 #: Malformed frames tolerated from one connection before it is dropped.
 MAX_PEER_ERRORS = 100
 
@@ -137,6 +139,7 @@ class _Channel:
         self.space = trio.Event()  # set when the pipeline window has room
         self.space.set()
         self.last_incoming = -math.inf  # trio time of the last proposal we accepted
+        self.conflict_at = -math.inf  # trio time of the last conflict we saw
 
 
 class Client:
@@ -272,6 +275,15 @@ class Client:
                     f"channel {channel_id.hex()[:16]}: pipeline window still full after "
                     f"{self.update_timeout}s"
                 )
+            if not ch.machine.should_yield and ch.conflict_at > ch.last_incoming:
+                # We won the last conflict: give the peer one turn before proposing again.
+                with trio.move_on_at(min(deadline, ch.conflict_at + YIELD_HOLD)):
+                    while ch.conflict_at > ch.last_incoming:
+                        await trio.sleep(YIELD_QUIET / 5)
+            while ch.machine.window_full():
+                if ch.space.is_set():
+                    ch.space = trio.Event()
+                await ch.space.wait()
             upd = fn(ch.machine.tip())
             uid = self._new_update_id()
             outputs = ch.machine.handle(
@@ -298,6 +310,7 @@ class Client:
                     f"{self.update_timeout}s",
                     reason="conflict",
                 )
+            ch.conflict_at = trio.current_time()
             if ch.machine.should_yield:
                 # Let the peer (lower address) finish its burst: wait for a quiet gap.
                 await trio.sleep(YIELD_QUIET)

@@ -43,9 +43,11 @@ async def main() -> None:
             )
             print(f"channel {cid.hex()} open")
             t0 = time.perf_counter()
-            for payer, asset in ((alice, ETH), (bob, TOKEN)):
+            # Bursts in turn: Alice pays ETH, then Bob pays tokens; each burst pipelined.
+            for burst in range(4):
+                payer, asset = (alice, ETH) if burst % 2 == 0 else (bob, TOKEN)
                 async with trio.open_nursery() as nursery:
-                    for i in range(UPDATES // 2):
+                    for i in range(UPDATES // 4):
                         nursery.start_soon(payer.pay, cid, asset, 1000 + i)
             elapsed = time.perf_counter() - t0
             final_a, final_b = alice.latest(cid), bob.latest(cid)
@@ -57,7 +59,7 @@ async def main() -> None:
             assert signers == list(params.participants)
             print(
                 f"{UPDATES} co-signed durable updates in {elapsed:.2f}s "
-                f"({UPDATES / elapsed:,.0f}/s, both directions, pipelined)"
+                f"({UPDATES / elapsed:,.0f}/s, both parties in this one process)"
             )
             print(
                 json.dumps(
