@@ -49,6 +49,7 @@ def settings(runs: int = OPTIMIZER_RUNS) -> dict[str, Any]:
     """The standard-JSON ``settings`` object (also recorded in the artifact)."""
     return {
         "optimizer": {"enabled": True, "runs": runs},
+        "viaIR": True,
         "evmVersion": EVM_VERSION,
         "outputSelection": {
             "*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}

@@ -70,8 +70,9 @@ contract Adjudicator {
 
     // ----------------------------------------------------------------- events
 
-    /// @notice Holdings of (channelId, asset) rose by `amount` to `newTotal`.
-    event Deposited(bytes32 indexed channelId, address indexed asset, uint256 amount, uint256 newTotal);
+    /// @notice Holdings of (channelId, asset) rose to `newTotal` (the amount is the rise since the
+    /// previous Deposited/Payout of that pair, and the transaction's value or calldata).
+    event Deposited(bytes32 indexed channelId, address indexed asset, uint256 newTotal);
     /// @notice A co-signed state was registered; the full state is in the transaction's calldata.
     event Claimed(bytes32 indexed channelId, uint64 version, uint64 deadline, bytes32 stateHash);
     /// @notice A strictly newer co-signed state replaced the registered one; deadline unchanged.
@@ -98,13 +99,13 @@ contract Adjudicator {
     uint256 private constant HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0;
 
     /// @notice Gas forwarded with an ETH push (the callee also gets the 2,300 value stipend).
-    uint256 public constant PUSH_GAS = 10_000;
+    uint256 internal constant PUSH_GAS = 10_000;
     /// @notice Gas forwarded to an ERC-20 transfer on payout.
-    uint256 public constant TOKEN_PUSH_GAS = 100_000;
+    uint256 internal constant TOKEN_PUSH_GAS = 100_000;
     /// @notice Gas the app always gets for split(); the caller cannot starve it.
-    uint256 public constant APP_GAS = 500_000;
+    uint256 internal constant APP_GAS = 500_000;
     /// @notice After deadline + APP_GRACE a failing app no longer blocks settle: locked is split evenly.
-    uint256 public constant APP_GRACE = 14 days;
+    uint256 internal constant APP_GRACE = 14 days;
 
     uint256 private constant GUARD_SLOT = 0; // transient
 
@@ -145,11 +146,14 @@ contract Adjudicator {
 
     /// @notice Add msg.value ETH to the channel's holdings.  Anyone may deposit.
     /// Funding order matters when a channel may stay underfunded: see docs (participant A first).
-    function depositEth(bytes32 channelId) external payable {
-        if (msg.value == 0) revert ZeroDeposit();
-        uint256 total = holdings[channelId][address(0)] + msg.value;
+    function depositEthToChannel(bytes32 channelId) external payable {
+        uint256 total;
+        // cannot overflow: bounded by the ETH supply
+        unchecked {
+            total = holdings[channelId][address(0)] + msg.value;
+        }
         holdings[channelId][address(0)] = total;
-        emit Deposited(channelId, address(0), msg.value, total);
+        emit Deposited(channelId, address(0), total);
     }
 
     /// @notice Pull `amount` of ERC-20 `asset` from msg.sender (needs approval) into the channel.
@@ -163,7 +167,7 @@ contract Adjudicator {
         if (received == 0) revert ZeroDeposit();
         uint256 total = holdings[channelId][asset] + received;
         holdings[channelId][asset] = total;
-        emit Deposited(channelId, asset, received, total);
+        emit Deposited(channelId, asset, total);
     }
 
     // ------------------------------------------------------------ conclusions

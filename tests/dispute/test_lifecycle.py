@@ -27,7 +27,7 @@ E = 10**18
 def _deposit_both(
     w3: Web3, adj: Contract, token: Contract, funder: str, cid: bytes, eth: int, tok: int
 ) -> None:
-    transact(adj.functions.depositEth(cid), funder, value=eth)
+    transact(adj.functions.depositEthToChannel(cid), funder, value=eth)
     transact(token.functions.mint(funder, tok), funder)
     transact(token.functions.approve(adj.address, tok), funder)
     transact(adj.functions.deposit(cid, token.address, tok), funder)
@@ -120,7 +120,7 @@ def test_stale_claim_is_refuted_and_newer_state_settles(
     a, b = signers
     p = new_params(adjudicator, signers, duration=300)
     cid = p.channel_id
-    transact(adjudicator.functions.depositEth(cid), funder, value=10 * E)
+    transact(adjudicator.functions.depositEthToChannel(cid), funder, value=10 * E)
     old = make_state(p, 3, [(ETH, 9 * E, 1 * E)])
     new = make_state(p, 8, [(ETH, 2 * E, 8 * E)])
     r = transact(
