@@ -7,6 +7,7 @@ pragma solidity 0.8.37;
 contract ReentrantReceiver {
     address public target;
     bytes public payload;
+    uint256 public reentered; // successful re-entries (only writable when given enough gas)
 
     function arm(address target_, bytes calldata payload_) external {
         target = target_;
@@ -28,7 +29,7 @@ contract ReentrantReceiver {
         address t = target;
         if (t != address(0)) {
             (bool ok,) = t.call(payload);
-            ok;
+            if (ok) reentered += 1;
         }
     }
 }
