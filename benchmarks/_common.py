@@ -1,0 +1,130 @@
+"""Shared helpers for the channel benchmarks (not a benchmark itself).
+
+Progress goes to stderr; each benchmark prints exactly one JSON object as the
+last line of stdout.  Instrumentation here wraps real components in the
+benchmark's own child processes only; nothing in ``channel/`` is changed.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import os
+import pstats
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+TOKEN = bytes.fromhex("00000000000000000000000000000000000000a1")
+ADJUDICATOR = bytes.fromhex("00000000000000000000000000000000000000ad")
+CHAIN_ID = 31337
+#: The same two-asset state as the demo: (asset, ours, theirs).
+BALANCES = [
+    (b"\x00" * 20, 10**18, 10**18),
+    (TOKEN, 5_000_000, 5_000_000),
+]
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(q / 100.0 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def machine_info() -> dict[str, Any]:
+    import platform
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+    }
+
+
+class StoreCounter:
+    """Counts ``Store.apply`` commits (one SQLite transaction = one WAL fsync with
+    ``synchronous=FULL``), the ops they carry and the wall time spent in them."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self.ops = 0
+        self.seconds = 0.0
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        from channel.store import Store
+
+        original = Store.apply
+        counter = self
+
+        def apply(store: Store, ops: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                original(store, ops)
+            finally:
+                dt = time.perf_counter() - t0
+                if ops:
+                    with counter._lock:
+                        counter.commits += 1
+                        counter.ops += len(ops)
+                        counter.seconds += dt
+
+        Store.apply = apply  # type: ignore[method-assign]
+
+    def snapshot(self) -> dict[str, float]:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        with self._lock:
+            return {
+                "commits": self.commits,
+                "ops": self.ops,
+                "apply_s": self.seconds,
+                "cpu_user_s": ru.ru_utime,
+                "cpu_sys_s": ru.ru_stime,
+                "wall_s": time.perf_counter(),
+            }
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in after}
+
+
+class Profiler:
+    """cProfile of the Trio thread, toggled around the measured phases."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.prof = cProfile.Profile() if path else None
+
+    def on(self) -> None:
+        if self.prof is not None:
+            self.prof.enable()
+
+    def off(self) -> None:
+        if self.prof is not None:
+            self.prof.disable()
+
+    def dump(self) -> None:
+        if self.prof is not None and self.path:
+            self.prof.dump_stats(self.path)
+            with open(self.path + ".txt", "w") as f:
+                st = pstats.Stats(self.prof, stream=f)
+                st.sort_stats("tottime").print_stats(45)
+                st.sort_stats("cumulative").print_stats(60)
+
+
+def run_trio(fn: Callable[..., Any], *args: Any) -> Any:
+    import trio
+
+    return trio.run(fn, *args)

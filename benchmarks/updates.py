@@ -1,0 +1,502 @@
+"""Durable, encrypted co-signed updates between two OS processes; JSON on the last line.
+
+    .venv/bin/python benchmarks/updates.py [--quick] [--profile DIR]
+
+Parties: two spawned child processes, each running the real ``open_client`` (Trio,
+BOLT 8 over loopback TCP, SQLite WAL ``synchronous=FULL`` store in a temp dir).
+"alice" opens a channel to "bob" and is the only proposer:
+
+* pipelined: N ``pay()`` calls started at once on one channel (window 64);
+* lock-step: M ``pay()`` calls awaited one at a time, each latency recorded.
+
+In the same run, a bare baseline: two processes doing only the co-signing over
+plain Trio TCP with 4-byte length-prefixed frames -- the same two-asset state,
+the same canonical-CBOR ``Propose``/``Accept`` messages (``channel.codec``), the
+EIP-712 digest (``channel.eip712``) and coincurve sign/recover (``channel.keys``),
+window 64 -- with no store, no encryption, no update machine.
+
+``--profile DIR`` writes cProfile stats of each child's Trio thread over the
+measured phases (``DIR/{alice,bob}.prof`` and ``.prof.txt``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import struct
+import sys
+import tempfile
+import time
+from collections import deque
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import (  # noqa: E402
+    ADJUDICATOR,
+    BALANCES,
+    CHAIN_ID,
+    Profiler,
+    StoreCounter,
+    delta,
+    log,
+    machine_info,
+    percentile,
+    run_trio,
+)
+
+ETH = BALANCES[0][0]
+WINDOW = 64
+WARMUP = 300
+
+
+# --------------------------------------------------------------------------------------
+# the channel benchmark: two children running the real client
+
+
+def bob_main(secret: bytes, store_dir: str, parent: Any, ctl: Any, profile: str | None) -> None:
+    """The responder: serve, answer proposals, report counters on request."""
+    import trio
+
+    from channel.client import open_client
+    from channel.keys import Signer
+
+    counter = StoreCounter()
+    counter.install()
+    prof = Profiler(profile)
+
+    async def main() -> None:
+        async with open_client(Signer.from_bytes(secret), Path(store_dir) / "bob.sqlite") as bob:
+            parent.send(str(bob.peer_address()))
+            while True:
+                cmd = await trio.to_thread.run_sync(ctl.recv)
+                if cmd == "prof_on":
+                    prof.on()
+                elif cmd == "prof_off":
+                    prof.off()
+                if cmd == "stop":
+                    ctl.send(counter.snapshot())
+                    break
+                ctl.send(counter.snapshot())
+
+    run_trio(main)
+    prof.dump()
+
+
+def alice_main(
+    secret: bytes,
+    store_dir: str,
+    bob_addr: str,
+    n_pipe: int,
+    n_lock: int,
+    parent: Any,
+    ctl: Any,
+    profile: str | None,
+) -> None:
+    """The proposer: open the channel, run both phases, send results to the parent."""
+    import trio
+
+    from channel.client import open_client
+    from channel.keys import Signer
+    from channel.transport import PeerAddress
+
+    counter = StoreCounter()
+    counter.install()
+    prof = Profiler(profile)
+
+    def snap_both() -> tuple[dict[str, float], dict[str, float]]:
+        ctl.send("snap")
+        return counter.snapshot(), ctl.recv()
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with open_client(
+            Signer.from_bytes(secret), Path(store_dir) / "alice.sqlite"
+        ) as alice:
+            cid = await alice.open_channel(
+                PeerAddress.parse(bob_addr),
+                chain_id=CHAIN_ID,
+                adjudicator=ADJUDICATOR,
+                challenge_duration=3600,
+                balances=BALANCES,
+            )
+            log(f"  channel {cid.hex()[:16]} open; warm-up {WARMUP} pays")
+            async with trio.open_nursery() as nursery:
+                for _ in range(WARMUP):
+                    nursery.start_soon(alice.pay, cid, ETH, 1)
+            for _ in range(WARMUP // 3):
+                await alice.pay(cid, ETH, 1)
+
+            # (a) pipelined
+            ctl.send("prof_on")
+            ctl.recv()
+            prof.on()
+            a0, b0 = snap_both()
+            t0 = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                for _ in range(n_pipe):
+                    nursery.start_soon(alice.pay, cid, ETH, 1)
+            elapsed = time.perf_counter() - t0
+            a1, b1 = snap_both()
+            prof.off()
+            out["pipelined"] = {
+                "updates": n_pipe,
+                "seconds": elapsed,
+                "alice": delta(a1, a0),
+                "bob": delta(b1, b0),
+            }
+            log(f"  pipelined: {n_pipe} pays in {elapsed:.2f}s = {n_pipe / elapsed:,.0f}/s")
+
+            # (b) lock-step
+            prof.on()
+            lat: list[float] = []
+            t0 = time.perf_counter()
+            for _ in range(n_lock):
+                s = time.perf_counter()
+                await alice.pay(cid, ETH, 1)
+                lat.append(time.perf_counter() - s)
+            elapsed = time.perf_counter() - t0
+            a2, b2 = snap_both()
+            prof.off()
+            ctl.send("prof_off")
+            ctl.recv()
+            out["lockstep"] = {
+                "updates": n_lock,
+                "seconds": elapsed,
+                "latencies": lat,
+                "alice": delta(a2, a1),
+                "bob": delta(b2, b1),
+            }
+            log(f"  lock-step: {n_lock} pays in {elapsed:.2f}s = {n_lock / elapsed:,.0f}/s")
+            latest = alice.latest(cid)
+            assert latest is not None and latest.fully_signed
+            out["final_version"] = latest.state.version
+        return out
+
+    result = run_trio(main)
+    ctl.send("stop")
+    ctl.recv()
+    prof.dump()
+    parent.send(result)
+
+
+def run_channel(n_pipe: int, n_lock: int, profile_dir: str | None) -> dict[str, Any]:
+    from channel.keys import Signer
+
+    ctx = mp.get_context("spawn")
+    alice_key, bob_key = Signer.generate(), Signer.generate()
+    with tempfile.TemporaryDirectory(prefix="optichannel-bench-") as tmp:
+        bob_parent, bob_child = ctx.Pipe()
+        alice_parent, alice_child = ctx.Pipe()
+        ctl_alice, ctl_bob = ctx.Pipe()
+        prof = (lambda who: str(Path(profile_dir) / f"{who}.prof")) if profile_dir else None
+        bob = ctx.Process(
+            target=bob_main,
+            args=(bob_key.secret_bytes(), tmp, bob_child, ctl_bob, prof and prof("bob")),
+        )
+        bob.start()
+        if not bob_parent.poll(30):
+            raise RuntimeError("bob did not start")
+        bob_addr = bob_parent.recv()
+        alice = ctx.Process(
+            target=alice_main,
+            args=(
+                alice_key.secret_bytes(),
+                tmp,
+                bob_addr,
+                n_pipe,
+                n_lock,
+                alice_child,
+                ctl_alice,
+                prof and prof("alice"),
+            ),
+        )
+        alice.start()
+        if not alice_parent.poll(600):
+            raise RuntimeError("alice did not finish")
+        result: dict[str, Any] = alice_parent.recv()
+        alice.join(30)
+        bob.join(30)
+        for p in (alice, bob):
+            if p.exitcode != 0:
+                raise RuntimeError(f"child exited with {p.exitcode}")
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# the bare baseline: sign/verify + codec over plain TCP, no store, no encryption
+
+_LEN = struct.Struct(">I")
+
+
+def _frames(buf: bytearray) -> list[bytes]:
+    out = []
+    while len(buf) >= 4:
+        (n,) = _LEN.unpack_from(buf)
+        if len(buf) < 4 + n:
+            break
+        out.append(bytes(buf[4 : 4 + n]))
+        del buf[: 4 + n]
+    return out
+
+
+def _frame(data: bytes) -> bytes:
+    return _LEN.pack(len(data)) + data
+
+
+def bare_responder_main(secret: bytes, proposer_address: bytes, parent: Any) -> None:
+    import cbor2
+    import trio
+
+    from channel import codec
+    from channel.eip712 import state_digest
+    from channel.keys import Signer, recover
+
+    signer = Signer.from_bytes(secret)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buf = bytearray()
+        params = None
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buf += data
+            replies = []
+            for frame in _frames(buf):
+                if params is None:
+                    params = codec.params_from_wire(cbor2.loads(frame))
+                    continue
+                msg = codec.decode(frame)
+                assert isinstance(msg, codec.Propose)
+                digest = state_digest(params, msg.state)
+                if recover(digest, msg.signature) != proposer_address:
+                    raise RuntimeError("bad signature")
+                acc = codec.Accept(
+                    channel_id=msg.state.channel_id,
+                    version=msg.state.version,
+                    signature=signer.sign(digest),
+                )
+                replies.append(_frame(codec.encode(acc)))
+            if replies:
+                await stream.send_all(b"".join(replies))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+            parent.send(listeners[0].socket.getsockname()[1])
+            await trio.to_thread.run_sync(parent.recv)
+            nursery.cancel_scope.cancel()
+
+    run_trio(main)
+
+
+def bare_proposer_main(
+    secret: bytes, responder_address: bytes, port: int, n_pipe: int, n_lock: int, parent: Any
+) -> None:
+    import cbor2
+    import trio
+
+    from channel import codec
+    from channel.eip712 import state_digest
+    from channel.keys import Signer, recover
+    from channel.state import Allocation, Params, State
+
+    signer = Signer.from_bytes(secret)
+    params = Params.new(
+        chain_id=CHAIN_ID,
+        adjudicator=ADJUDICATOR,
+        participants=(signer.address, responder_address),
+        challenge_duration=3600,
+    )
+    state0 = State.initial(params, BALANCES)
+    version = 0
+
+    def next_proposal() -> tuple[bytes, bytes]:
+        nonlocal version
+        version += 1
+        a0 = state0.allocations[0]
+        allocs = (
+            Allocation(asset=a0.asset, balances=(a0.balances[0] - version, a0.balances[1] + version)),
+            *state0.allocations[1:],
+        )
+        st = State(channel_id=params.channel_id, version=version, allocations=allocs)
+        digest = state_digest(params, st)
+        msg = codec.Propose(base_version=version - 1, state=st, signature=signer.sign(digest))
+        return digest, _frame(codec.encode(msg))
+
+    def check_accept(frame: bytes, digest: bytes) -> None:
+        msg = codec.decode(frame)
+        assert isinstance(msg, codec.Accept)
+        if recover(digest, msg.signature) != responder_address:
+            raise RuntimeError("bad countersignature")
+
+    async def pipelined(stream: trio.SocketStream, n: int) -> float:
+        pending: deque[bytes] = deque()
+        space = trio.Event()
+        done = 0
+
+        async def receiver() -> None:
+            nonlocal done, space
+            buf = bytearray()
+            while done < n:
+                data = await stream.receive_some(65536)
+                if not data:
+                    raise RuntimeError("responder closed")
+                buf += data
+                for frame in _frames(buf):
+                    check_accept(frame, pending.popleft())
+                    done += 1
+                space.set()
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver)
+            sent = 0
+            while sent < n:
+                room = min(WINDOW - len(pending), n - sent)
+                if room <= 0:
+                    space = trio.Event()
+                    await space.wait()
+                    continue
+                batch = []
+                for _ in range(room):
+                    digest, frame = next_proposal()
+                    pending.append(digest)
+                    batch.append(frame)
+                sent += room
+                await stream.send_all(b"".join(batch))
+        return time.perf_counter() - t0
+
+    async def lockstep(stream: trio.SocketStream, n: int) -> list[float]:
+        lat = []
+        buf = bytearray()
+        for _ in range(n):
+            s = time.perf_counter()
+            digest, frame = next_proposal()
+            await stream.send_all(frame)
+            frames: list[bytes] = []
+            while not frames:
+                buf += await stream.receive_some(65536)
+                frames = _frames(buf)
+            check_accept(frames[0], digest)
+            lat.append(time.perf_counter() - s)
+        return lat
+
+    async def main() -> dict[str, Any]:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(_frame(cbor2.dumps(codec.params_to_wire(params), canonical=True)))
+        await pipelined(stream, WARMUP)
+        secs = await pipelined(stream, n_pipe)
+        lat = await lockstep(stream, n_lock)
+        await stream.aclose()
+        return {"pipelined_s": secs, "lockstep": lat}
+
+    parent.send(run_trio(main))
+
+
+def run_bare(n_pipe: int, n_lock: int) -> dict[str, Any]:
+    from channel.keys import Signer
+
+    ctx = mp.get_context("spawn")
+    a, b = Signer.generate(), Signer.generate()
+    r_parent, r_child = ctx.Pipe()
+    p_parent, p_child = ctx.Pipe()
+    resp = ctx.Process(target=bare_responder_main, args=(b.secret_bytes(), a.address, r_child))
+    resp.start()
+    if not r_parent.poll(30):
+        raise RuntimeError("bare responder did not start")
+    port = r_parent.recv()
+    prop = ctx.Process(
+        target=bare_proposer_main,
+        args=(a.secret_bytes(), b.address, port, n_pipe, n_lock, p_child),
+    )
+    prop.start()
+    if not p_parent.poll(300):
+        raise RuntimeError("bare proposer did not finish")
+    result: dict[str, Any] = p_parent.recv()
+    r_parent.send("stop")
+    prop.join(30)
+    resp.join(30)
+    return result
+
+
+# --------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller run (< 60 s)")
+    ap.add_argument("--pipelined", type=int, help="pipelined pays (default 20000, quick 5000)")
+    ap.add_argument("--lockstep", type=int, help="lock-step pays (default 2000, quick 1000)")
+    ap.add_argument("--profile", metavar="DIR", help="write cProfile stats of both parties")
+    args = ap.parse_args()
+    n_pipe = args.pipelined or (5000 if args.quick else 20000)
+    n_lock = args.lockstep or (1000 if args.quick else 2000)
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+
+    t_start = time.perf_counter()
+    log(f"bare baseline: {n_pipe} pipelined + {n_lock} lock-step co-signed updates, plain TCP")
+    bare = run_bare(n_pipe, n_lock)
+    bare_rate = n_pipe / bare["pipelined_s"]
+    log(f"  bare pipelined {bare_rate:,.0f}/s")
+
+    log(f"channel: {n_pipe} pipelined + {n_lock} lock-step durable encrypted updates")
+    ch = run_channel(n_pipe, n_lock, args.profile)
+    pipe, lock = ch["pipelined"], ch["lockstep"]
+    rate_pipe = pipe["updates"] / pipe["seconds"]
+    lat_ms = [x * 1000 for x in lock["latencies"]]
+    bare_lat_ms = [x * 1000 for x in bare["lockstep"]]
+
+    def per_update(phase: dict[str, Any], key: str) -> float:
+        return (phase["alice"][key] + phase["bob"][key]) / phase["updates"]
+
+    def share(phase: dict[str, Any], who: str, key: str) -> float:
+        return phase[who][key] / phase["seconds"]
+
+    result = {
+        "benchmark": "updates",
+        "quick": args.quick,
+        "updates_per_s_pipelined": round(rate_pipe, 1),
+        "updates_per_s_lockstep": round(lock["updates"] / lock["seconds"], 1),
+        "p50_ms_lockstep": round(percentile(lat_ms, 50), 3),
+        "p99_ms_lockstep": round(percentile(lat_ms, 99), 3),
+        "bare_updates_per_s_pipelined": round(bare_rate, 1),
+        "ratio_pipelined_vs_bare": round(rate_pipe / bare_rate, 3),
+        "bare_updates_per_s_lockstep": round(len(bare_lat_ms) / (sum(bare_lat_ms) / 1000), 1),
+        "bare_p50_ms_lockstep": round(percentile(bare_lat_ms, 50), 3),
+        "bare_p99_ms_lockstep": round(percentile(bare_lat_ms, 99), 3),
+        "fsyncs_per_update": round(per_update(pipe, "commits"), 4),
+        "fsyncs_per_update_lockstep": round(per_update(lock, "commits"), 4),
+        "store_ops_per_commit_pipelined": round(
+            (pipe["alice"]["ops"] + pipe["bob"]["ops"])
+            / max(1, pipe["alice"]["commits"] + pipe["bob"]["commits"]),
+            2,
+        ),
+        "cpu_ms_per_update_pipelined": {
+            who: round((pipe[who]["cpu_user_s"] + pipe[who]["cpu_sys_s"]) * 1000 / pipe["updates"], 4)
+            for who in ("alice", "bob")
+        },
+        "store_apply_wall_share_pipelined": {
+            who: round(share(pipe, who, "apply_s"), 3) for who in ("alice", "bob")
+        },
+        "store_apply_ms_per_update_lockstep": {
+            who: round(lock[who]["apply_s"] * 1000 / lock["updates"], 4) for who in ("alice", "bob")
+        },
+        "pipelined_updates": n_pipe,
+        "lockstep_updates": n_lock,
+        "window": WINDOW,
+        "final_version": ch["final_version"],
+        "seconds_total": round(time.perf_counter() - t_start, 1),
+        "machine": machine_info(),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
