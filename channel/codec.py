@@ -327,7 +327,11 @@ def decode(frame: bytes) -> Message:
         value = cbor2.loads(frame)
     except Exception as exc:  # cbor2 raises several types for malformed input
         raise DecodeError(f"malformed CBOR: {exc}") from None
-    if cbor2.dumps(value, canonical=True) != frame:
+    try:
+        canonical = cbor2.dumps(value, canonical=True)
+    except Exception as exc:  # e.g. a cyclic value built from shared-reference tags
+        raise DecodeError(f"malformed CBOR: {exc}") from None
+    if canonical != frame:
         # Slow path, only for bad input: tell trailing bytes from a non-canonical encoding.
         buf = io.BytesIO(frame)
         cbor2.CBORDecoder(buf).decode()
