@@ -85,7 +85,9 @@ def measure() -> dict[str, int]:
         transact(adj.functions.depositEthToChannel(pd.channel_id), funder, value=2 * E)
         old = make_state(pd, 41, [(ETH, E + 777, E - 777)])
         new = make_state(pd, 42, [(ETH, E - 5555, E + 5555)])
-        r = transact(adj.functions.claim(params_arg(pd), state_arg(old), sign(pd, old, keys)), funder)
+        r = transact(
+            adj.functions.claim(params_arg(pd), state_arg(old), sign(pd, old, keys)), funder
+        )
         out["claim"] = r["gasUsed"]
         deadline = adj.events.Claimed().process_receipt(r)[0]["args"]["deadline"]
         out["refute"] = transact(

@@ -83,9 +83,7 @@ def run_anvil(
         )
         try:
             port = _wait_for_port(proc, log, timeout)
-            yield Anvil(
-                url=f"http://127.0.0.1:{port}", port=port, chain_id=chain_id, process=proc
-            )
+            yield Anvil(url=f"http://127.0.0.1:{port}", port=port, chain_id=chain_id, process=proc)
         finally:
             proc.kill()
             proc.wait()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from adjudicator_helpers import connect, deploy_adjudicator, deploy_test, fund
 from web3 import Web3
 from web3.contract import Contract
 
-from adjudicator_helpers import connect, deploy_adjudicator, deploy_test, fund
 from channel.keys import Signer
 from dispute.anvil import Anvil, anvil_available, run_anvil
 

@@ -3,10 +3,6 @@ blocks the other's payout, and what could not be pushed stays withdrawable."""
 
 from __future__ import annotations
 
-from web3 import Web3
-from web3.contract import Contract
-from web3.logs import DISCARD
-
 from adjudicator_helpers import (
     ETH,
     addr,
@@ -21,6 +17,10 @@ from adjudicator_helpers import (
     state_arg,
     transact,
 )
+from web3 import Web3
+from web3.contract import Contract
+from web3.logs import DISCARD
+
 from channel.keys import Signer
 
 E = 10**18
@@ -41,7 +41,7 @@ def test_reentrant_receiver_cannot_drain(
 ) -> None:
     """A recipient that re-enters close/withdraw from its receive hook gets exactly its share;
     a second channel's funds in the same contract stay untouched."""
-    a, b = signers
+    a = signers[0]
     victim = new_params(adjudicator, signers)
     transact(adjudicator.functions.depositEthToChannel(victim.channel_id), funder, value=5 * E)
     p = new_params(adjudicator, signers)
@@ -87,7 +87,9 @@ def test_reentrant_token_cannot_drain(
     assert evil.functions.balanceOf(adjudicator.address).call() == 400
     # re-enter settle from transfer
     s = make_state(p, 2, [(asset, 150, 250)])
-    r = transact(adjudicator.functions.claim(params_arg(p), state_arg(s), sign(p, s, signers)), funder)
+    r = transact(
+        adjudicator.functions.claim(params_arg(p), state_arg(s), sign(p, s, signers)), funder
+    )
     deadline = adjudicator.events.Claimed().process_receipt(r)[0]["args"]["deadline"]
     advance(w3, 61)
     st = adjudicator.functions.settle(params_arg(p), state_arg(s), deadline)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from web3 import Web3
-from web3.contract import Contract
-
 from adjudicator_helpers import (
     ETH,
     addr,
@@ -18,6 +15,9 @@ from adjudicator_helpers import (
     state_arg,
     transact,
 )
+from web3 import Web3
+from web3.contract import Contract
+
 from channel.eip712 import domain_separator, state_struct_hash
 from channel.keys import Signer
 
@@ -33,7 +33,9 @@ def _deposit_both(
     transact(adj.functions.deposit(cid, token.address, tok), funder)
 
 
-def test_contract_hashes_match_python(adjudicator: Contract, signers: tuple[Signer, Signer]) -> None:
+def test_contract_hashes_match_python(
+    adjudicator: Contract, signers: tuple[Signer, Signer]
+) -> None:
     """The contract's channel id, EIP-712 domain and struct hash equal channel/'s."""
     p = new_params(adjudicator, signers)
     s = make_state(p, 7, [(ETH, 5, 6, 7)], app_data=b"\x01\x02", final=True)
@@ -59,7 +61,9 @@ def test_claim_settle_pays_eth_and_erc20_exactly(
     assert adjudicator.functions.holdings(cid, addr(ETH)).call() == 3 * E
     assert adjudicator.functions.holdings(cid, token.address).call() == 1000
     s = make_state(p, 4, [(ETH, 2 * E, 1 * E), (bytes.fromhex(token.address[2:]), 300, 700)])
-    r = transact(adjudicator.functions.claim(params_arg(p), state_arg(s), sign(p, s, signers)), funder)
+    r = transact(
+        adjudicator.functions.claim(params_arg(p), state_arg(s), sign(p, s, signers)), funder
+    )
     deadline = w3.eth.get_block(r["blockNumber"])["timestamp"] + 600
     ev = adjudicator.events.Claimed().process_receipt(r)[0]["args"]
     assert (ev["version"], ev["deadline"], ev["stateHash"]) == (4, deadline, state_struct_hash(s))
@@ -191,7 +195,9 @@ def test_settle_before_deadline_is_rejected(
     expect_revert(
         lambda: adjudicator.functions.settle(params_arg(p), state_arg(s), 0).call(), "NoDispute()"
     )
-    r = transact(adjudicator.functions.claim(params_arg(p), state_arg(s), sign(p, s, signers)), funder)
+    r = transact(
+        adjudicator.functions.claim(params_arg(p), state_arg(s), sign(p, s, signers)), funder
+    )
     deadline = adjudicator.events.Claimed().process_receipt(r)[0]["args"]["deadline"]
     advance(w3, 500)
     expect_revert(

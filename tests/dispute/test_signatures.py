@@ -4,9 +4,6 @@ channel, this chain and this adjudicator deployment register a state."""
 from __future__ import annotations
 
 import pytest
-from web3 import Web3
-from web3.contract import Contract
-
 from adjudicator_helpers import (
     ETH,
     connect,
@@ -18,6 +15,9 @@ from adjudicator_helpers import (
     sign,
     state_arg,
 )
+from web3 import Web3
+from web3.contract import Contract
+
 from channel.keys import SECP256K1_N, Signer
 from dispute.anvil import run_anvil
 
@@ -26,14 +26,18 @@ def _claim(adj: Contract, p: object, s: object, sigs: bytes) -> object:
     return adj.functions.claim(params_arg(p), state_arg(s), sigs).call()  # type: ignore[arg-type]
 
 
-def test_valid_signatures_are_accepted(adjudicator: Contract, signers: tuple[Signer, Signer]) -> None:
+def test_valid_signatures_are_accepted(
+    adjudicator: Contract, signers: tuple[Signer, Signer]
+) -> None:
     """The baseline: signatures made by channel.keys over channel.eip712's digest register."""
     p = new_params(adjudicator, signers)
     s = make_state(p, 1, [(ETH, 1, 2)])
     _claim(adjudicator, p, s, sign(p, s, signers))
 
 
-def test_high_s_signature_is_rejected(adjudicator: Contract, signers: tuple[Signer, Signer]) -> None:
+def test_high_s_signature_is_rejected(
+    adjudicator: Contract, signers: tuple[Signer, Signer]
+) -> None:
     """The malleable twin (n - s, flipped v) of a valid signature is refused (EIP-2 low-s)."""
     p = new_params(adjudicator, signers)
     s = make_state(p, 1, [(ETH, 1, 2)])
@@ -148,4 +152,6 @@ def test_signature_replayed_on_another_chain_is_rejected(
             challenge_duration=p.challenge_duration,
             app=p.app,
         )
-        expect_revert(lambda: _claim(twin, p42, s42, sign(p_signed, s42, signers)), "BadSignature()")
+        expect_revert(
+            lambda: _claim(twin, p42, s42, sign(p_signed, s42, signers)), "BadSignature()"
+        )
