@@ -1,0 +1,192 @@
+"""One channel party in its own OS process, for the SIGKILL crash test.
+
+Run as ``python tests/channel/crash_party.py --role opener --store S --peer ADDR``
+(the party opens one channel to ``ADDR``, or resumes the one in its store) or
+``--role responder --store S --listen PORT`` (it waits for the peer to open one).
+The secret key comes from the environment variable ``CRASH_PARTY_SECRET`` (hex),
+never from argv.
+
+It talks to its parent over stdio, one JSON object per line:
+
+stdout (flushed per line)
+  ``{"ev": "up", "port": P}``       the client runs (store loaded, listening/dialing)
+  ``{"ev": "ready", ...}``          the channel is open and the peer is connected
+  ``{"ev": "latest", ...}``         answer to ``latest``
+  ``{"ev": "stopped", ...}``        answer to ``stop``: no pay of ours is running
+stdin
+  ``go N``      start N concurrent pay loops (pipelined updates to the peer)
+  ``stop``      let the pay loops finish their current update and end
+  ``latest``    report the latest co-signed state and what is in flight
+  ``exit``      shut down cleanly
+
+The process is meant to be SIGKILLed at any moment; it never cleans up on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import trio
+import trio.lowlevel
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from channel.client import Client, open_client
+from channel.eip712 import state_digest
+from channel.errors import ChannelError
+from channel.keys import Signer
+from channel.state import ETH
+from channel.transport import PeerAddress
+
+SECRET_ENV = "CRASH_PARTY_SECRET"
+TOKEN = bytes.fromhex("00000000000000000000000000000000000000a1")
+ADJUDICATOR = bytes.fromhex("00000000000000000000000000000000000000ad")
+CHAIN_ID = 31337
+#: Initial balances (asset, opener, responder); every pay is tiny next to them.
+BALANCES = ((ETH, 10**12, 10**12), (TOKEN, 10**9, 10**9))
+UPDATE_TIMEOUT = 3.0
+
+
+def emit(**fields: object) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+def describe(client: Client, cid: bytes) -> dict[str, object]:
+    info = next(c for c in client.channels() if c.channel_id == cid)
+    latest = info.latest
+    return {
+        "cid": cid.hex(),
+        "version": None if latest is None else latest.state.version,
+        "digest": None if latest is None else state_digest(client.params(cid), latest.state).hex(),
+        "in_flight": info.in_flight,
+        "connected": info.connected,
+    }
+
+
+async def find_channel(client: Client, role: str, peer: PeerAddress | None) -> bytes:
+    """Resume the channel in the store, or open it (opener) / await it (responder)."""
+    while True:
+        chans = client.channels()
+        if chans:
+            return chans[0].channel_id
+        if role == "opener":
+            assert peer is not None
+            return await client.open_channel(
+                peer,
+                chain_id=CHAIN_ID,
+                adjudicator=ADJUDICATOR,
+                challenge_duration=3600,
+                balances=BALANCES,
+            )
+        await trio.sleep(0.002)
+
+
+async def wait_ready(client: Client, cid: bytes) -> None:
+    while True:
+        info = next(c for c in client.channels() if c.channel_id == cid)
+        if info.latest is not None and info.connected:
+            return
+        await trio.sleep(0.002)
+
+
+class Payer:
+    """``go N`` / ``stop``: concurrent pay loops, so updates are pipelined."""
+
+    def __init__(self, client: Client, cid: bytes, nursery: trio.Nursery) -> None:
+        self.client, self.cid, self.nursery = client, cid, nursery
+        self.running = False
+        self.loops = 0
+        self.idle = trio.Event()
+        self.idle.set()
+        self.ok = self.failed = 0
+
+    def go(self, n: int) -> None:
+        self.running = True
+        for _ in range(n):
+            self.loops += 1
+            self.idle = trio.Event()
+            self.nursery.start_soon(self._loop)
+
+    async def stop(self) -> None:
+        self.running = False
+        await self.idle.wait()
+
+    async def _loop(self) -> None:
+        rng = random.Random()
+        try:
+            while self.running:
+                asset = ETH if rng.random() < 0.7 else TOKEN
+                try:
+                    await self.client.pay(self.cid, asset, rng.randint(1, 1000))
+                    self.ok += 1
+                except ChannelError:
+                    self.failed += 1
+                    await trio.sleep(0.001)
+        finally:
+            self.loops -= 1
+            if self.loops == 0:
+                self.idle.set()
+
+
+async def main(args: argparse.Namespace) -> None:
+    signer = Signer.from_bytes(bytes.fromhex(os.environ[SECRET_ENV]))
+    peer = PeerAddress.parse(args.peer) if args.peer else None
+    port = args.listen if args.role == "responder" else None
+    async with (
+        open_client(signer, args.store, port=port, update_timeout=UPDATE_TIMEOUT) as client,
+        trio.open_nursery() as nursery,
+    ):
+        emit(ev="up", port=None if port is None else client.peer_address().port)
+        cid = await find_channel(client, args.role, peer)
+        await wait_ready(client, cid)
+        emit(ev="ready", **describe(client, cid))
+        payer = Payer(client, cid, nursery)
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        buf = ""
+        while True:
+            try:
+                chunk = await stdin.receive_some(4096)
+            except trio.ClosedResourceError:
+                chunk = b""
+            if not chunk:
+                break
+            buf += chunk.decode()
+            while "\n" in buf:
+                line, buf = buf.split("\n", 1)
+                cmd = line.split()
+                if not cmd:
+                    continue
+                if cmd[0] == "go":
+                    payer.go(int(cmd[1]))
+                elif cmd[0] == "stop":
+                    await payer.stop()
+                    emit(ev="stopped", ok=payer.ok, failed=payer.failed)
+                elif cmd[0] == "latest":
+                    emit(ev="latest", **describe(client, cid))
+                elif cmd[0] == "exit":
+                    await payer.stop()
+                    nursery.cancel_scope.cancel()
+                    return
+        nursery.cancel_scope.cancel()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--role", choices=("opener", "responder"), required=True)
+    ap.add_argument("--store", required=True, help="SQLite store path (kept across restarts)")
+    ap.add_argument("--peer", help="opener: the peer's pubkey@host:port")
+    ap.add_argument("--listen", type=int, default=0, help="responder: the port to listen on")
+    args = ap.parse_args(argv)
+    if args.role == "opener" and not args.peer:
+        ap.error("--role opener needs --peer")
+    return args
+
+
+if __name__ == "__main__":
+    trio.run(main, parse_args())

@@ -1,0 +1,483 @@
+"""Crash safety: SIGKILL one party of a real two-process channel, many times.
+
+The *survivor* runs in this test process and is never killed; the *victim* is
+``tests/channel/crash_party.py`` in its own OS process, restarted from the same
+store (same key, same file, new process) after every SIGKILL.  Both stream
+pipelined pays at each other while the victim is killed at random moments:
+during the channel open, during reconnect and resync, and mid-stream.
+
+The survivor records every signature it *receives* from the victim, at the
+connection level (``Open``, ``Propose``, ``Accept``, ``Sync``), before its own
+machine looks at it.  What the victim put on the wire is therefore known without
+trusting the victim's own account of it.
+
+Set ``CRASH_SEED`` to replay a run; the seed is printed on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+HERE = Path(__file__).resolve().parent
+PARTY = HERE / "crash_party.py"
+ROOT = HERE.parents[1]
+# Importable both from an installed checkout and from a bare `.venv/bin/pytest` run.
+for _p in (str(ROOT), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import crash_party  # noqa: E402
+
+from channel import codec  # noqa: E402
+from channel.client import Client, open_client  # noqa: E402
+from channel.codec import Accept, Open, Propose, Sync  # noqa: E402
+from channel.eip712 import state_digest  # noqa: E402
+from channel.errors import ChannelError, InvalidSignature  # noqa: E402
+from channel.keys import Signer, recover  # noqa: E402
+from channel.machine import PersistProposal  # noqa: E402
+from channel.state import Params, State  # noqa: E402
+from channel.store import BURNED, COSIGNED, IN_FLIGHT, Store  # noqa: E402
+from channel.transport import PeerAddress  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# TEST-ONLY keys: fixed so a failing seed replays exactly.  Never fund these anywhere.
+VICTIM_SECRET = bytes.fromhex("11" * 31 + "01")
+SURVIVOR_SECRET = bytes.fromhex("22" * 31 + "02")
+
+KILLS = 22
+STATUS_NAMES = {IN_FLIGHT: "in_flight", COSIGNED: "cosigned", BURNED: "burned"}
+
+
+# ---------------------------------------------------------------------------
+# the survivor's wire recorder
+
+
+class Recorder:
+    """Wraps the survivor client's dispatch: every state the victim signed, as received.
+
+    ``got[(channel_id, version)]`` maps each distinct state digest to the state, so a
+    second entry for one version would be two different states signed by the victim
+    at that version (rule S broken).
+    """
+
+    def __init__(self, client: Client, victim: bytes) -> None:
+        self.client = client
+        self.victim = victim
+        self.got: dict[tuple[bytes, int], dict[bytes, State]] = {}
+        self.params: dict[bytes, Params] = {}
+        self.mine: dict[tuple[bytes, int], State] = {}
+        self.problems: list[str] = []
+        self.messages = 0
+        orig_dispatch: Callable[[bytes, codec.Message], None] = client._dispatch
+        orig_emit: Callable[[bytes, Any], None] = client._emit
+
+        def dispatch(node_id: bytes, msg: codec.Message) -> None:
+            self.messages += 1
+            self._on_message(msg)
+            orig_dispatch(node_id, msg)
+
+        def emit(peer: bytes, outputs: Any) -> None:
+            for out in outputs:
+                if isinstance(out, PersistProposal):
+                    key = (out.params.channel_id, out.state.version)
+                    old = self.mine.setdefault(key, out.state)
+                    if old != out.state:
+                        self.problems.append(f"survivor signed two states at v{key[1]}")
+            orig_emit(peer, outputs)
+
+        client._dispatch = dispatch  # type: ignore[method-assign]
+        client._emit = emit  # type: ignore[method-assign]
+
+    def _params(self, cid: bytes) -> Params | None:
+        ch = self.client._channels.get(cid)
+        return None if ch is None else ch.machine.params
+
+    def _record(self, params: Params, state: State, sig: bytes | None, what: str) -> None:
+        if sig is None:
+            self.problems.append(f"{what} v{state.version}: no signature from the victim")
+            return
+        digest = state_digest(params, state)
+        try:
+            signer = recover(digest, sig)
+        except InvalidSignature as exc:
+            self.problems.append(f"{what} v{state.version}: bad signature: {exc}")
+            return
+        if signer != self.victim:
+            return  # not the victim's signature (e.g. our own, echoed back)
+        self.params[params.channel_id] = params
+        self.got.setdefault((params.channel_id, state.version), {})[digest] = state
+
+    def _on_message(self, msg: codec.Message) -> None:
+        if isinstance(msg, Open):
+            self._record(msg.params, msg.state, msg.signature, "Open")
+            return
+        if isinstance(msg, Propose):
+            params = self._params(msg.state.channel_id)
+            if params is not None:
+                self._record(params, msg.state, msg.signature, "Propose")
+        elif isinstance(msg, Accept):
+            params = self._params(msg.channel_id)
+            state = self.mine.get((msg.channel_id, msg.version))
+            if params is not None and state is not None:
+                self._record(params, state, msg.signature, "Accept")
+            elif params is not None:
+                self.problems.append(f"Accept for v{msg.version}, which we never proposed")
+        elif isinstance(msg, Sync):
+            params = self._params(msg.latest.state.channel_id)
+            if params is None:
+                return
+            me = params.participants.index(self.victim)
+            self._record(params, msg.latest.state, msg.latest.signatures[me], "Sync.latest")
+            for p in msg.pending:
+                self._record(params, p.state, p.signature, "Sync.pending")
+
+    def versions(self) -> int:
+        return len(self.got)
+
+
+# ---------------------------------------------------------------------------
+# check (1): the victim's store holds everything it signed
+
+
+def check_store(path: Path, victim: Signer, rec: Recorder) -> dict[str, int]:
+    """Every state the survivor received a victim signature on is in the victim's store
+    (co-signed latest, or in the audit trail with the same content), or superseded by a
+    newer co-signed version; no version carries two different victim-signed states; and
+    the victim's ``max_signed`` covers every version it put on the wire.  The victim must
+    be dead (or stopped) while this runs."""
+    store = Store(path, owner=victim.address)
+    try:
+        records = {r.params.channel_id: r for r in store.load()}
+        trails = {cid: {v: (st, s) for v, st, s in store.signed_states(cid)} for cid in records}
+    finally:
+        store.close()
+    stats = {"checked": 0, "superseded": 0, "in_flight": 0, "cosigned": 0, "burned": 0}
+    errors: list[str] = []
+    for (cid, v), states in sorted(rec.got.items()):
+        stats["checked"] += 1
+        tag = f"channel {cid.hex()[:12]} v{v}"
+        if len(states) > 1:
+            errors.append(f"{tag}: the victim signed {len(states)} different states")
+        r = records.get(cid)
+        if r is None:
+            errors.append(f"{tag}: the victim's store has no such channel")
+            continue
+        if v > r.max_signed and not (v == 0 and r.max_signed == 0):
+            errors.append(f"{tag}: above the stored max_signed v{r.max_signed}")
+        latest_v = -1 if r.latest is None else r.latest.state.version
+        row = trails[cid].get(v)
+        for state in states.values():
+            if row is None:
+                if v < latest_v:
+                    stats["superseded"] += 1
+                else:
+                    errors.append(
+                        f"{tag}: signed and sent, but not in the store (latest v{latest_v})"
+                    )
+            elif row[1].state != state:
+                errors.append(f"{tag}: the store holds a different state at this version")
+            else:
+                stats[STATUS_NAMES[row[0]]] += 1
+    for cid, r in records.items():
+        if r.latest is not None:
+            digest = state_digest(r.params, r.latest.state)
+            signers = [recover(digest, s) for s in r.latest.signatures if s is not None]
+            if signers != list(r.params.participants):
+                errors.append(f"channel {cid.hex()[:12]}: latest is not signed by both parties")
+            if trails[cid][r.latest.state.version][0] != COSIGNED:
+                errors.append(f"channel {cid.hex()[:12]}: latest row is not COSIGNED")
+    assert not errors, "\n".join(errors[:20])
+    return stats
+
+
+# ---------------------------------------------------------------------------
+# the victim process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _open_log(path: Path) -> Any:
+    return path.open("ab")
+
+
+class Victim:
+    """One life of the victim process, driven over its stdin/stdout."""
+
+    def __init__(self, proc: trio.Process, log: Any) -> None:
+        self.proc = proc
+        self.log = log
+        self.buf = b""
+
+    @classmethod
+    async def start(cls, argv: list[str], env: dict[str, str], log_path: Path) -> Victim:
+        log = _open_log(log_path)
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, str(PARTY), *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            cwd=str(ROOT),
+        )
+        return cls(proc, log)
+
+    async def expect(self, ev: str, limit: float = 20.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        with trio.fail_after(limit):
+            while True:
+                while b"\n" in self.buf:
+                    line, self.buf = self.buf.split(b"\n", 1)
+                    msg: dict[str, Any] = json.loads(line)
+                    if msg["ev"] == ev:
+                        return msg
+                chunk = await self.proc.stdout.receive_some(65536)
+                if not chunk:
+                    raise AssertionError(f"victim exited (rc={self.proc.poll()}) awaiting {ev!r}")
+                self.buf += chunk
+
+    async def ask(self, cmd: str, ev: str, limit: float = 20.0) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(cmd.encode() + b"\n")
+        return await self.expect(ev, limit)
+
+    async def kill(self) -> None:
+        self.proc.kill()  # SIGKILL
+        rc = await self.proc.wait()
+        assert rc == -9, f"victim was not SIGKILLed (rc={rc})"
+        self.log.close()
+
+    async def exit(self) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all(b"exit\n")
+        with trio.fail_after(20):
+            rc = await self.proc.wait()
+        assert rc == 0, f"victim exited with {rc}"
+        self.log.close()
+
+
+# ---------------------------------------------------------------------------
+# the survivor's own pay loops
+
+
+class SurvivorPayer:
+    def __init__(self, client: Client, cid: bytes, nursery: trio.Nursery, n: int) -> None:
+        self.client, self.cid, self.nursery, self.n = client, cid, nursery, n
+        self.running = False
+        self.done: trio.Event = trio.Event()
+        self.done.set()
+        self.loops = 0
+        self.ok = self.failed = 0
+
+    def go(self) -> None:
+        if self.running:
+            return
+        self.running = True
+        self.done = trio.Event()
+        self.loops = self.n
+        for _ in range(self.n):
+            self.nursery.start_soon(self._loop)
+
+    async def stop(self) -> None:
+        self.running = False
+        with trio.fail_after(3 * crash_party.UPDATE_TIMEOUT):
+            await self.done.wait()
+
+    async def _loop(self) -> None:
+        rng = random.Random()
+        try:
+            while self.running:
+                try:
+                    await self.client.pay(self.cid, crash_party.ETH, rng.randint(1, 1000))
+                    self.ok += 1
+                except ChannelError:
+                    self.failed += 1
+                    await trio.sleep(0.002)
+        finally:
+            self.loops -= 1
+            if self.loops == 0:
+                self.done.set()
+
+
+def _survivor_view(client: Client, cid: bytes) -> tuple[int | None, str | None, int]:
+    info = next(c for c in client.channels() if c.channel_id == cid)
+    if info.latest is None:
+        return None, None, info.in_flight
+    return (
+        info.latest.state.version,
+        state_digest(client.params(cid), info.latest.state).hex(),
+        info.in_flight,
+    )
+
+
+async def check_converged(victim: Victim, surv: Client, cid: bytes) -> int:
+    """Check (2): with both sides quiet, both hold the same latest co-signed state and
+    nothing is in flight, within 10 s of the victim's restart."""
+    with trio.move_on_after(10):
+        while True:
+            v = await victim.ask("latest", "latest")
+            s_version, s_digest, s_in_flight = _survivor_view(surv, cid)
+            if (
+                v["version"] == s_version
+                and v["digest"] == s_digest
+                and v["in_flight"] == 0
+                and s_in_flight == 0
+            ):
+                assert s_version is not None
+                return s_version
+            await trio.sleep(0.02)
+    raise AssertionError(
+        f"no convergence within 10 s: victim {v}, survivor v{s_version} "
+        f"digest {s_digest} in flight {s_in_flight}"
+    )
+
+
+# ---------------------------------------------------------------------------
+# the test
+
+
+def _plan(rng: random.Random, kills: int) -> list[tuple[str, float]]:
+    """(phase, delay in s): 'up' kills land during open / reconnect / resync, counted
+    from the victim's first line; 'stream' kills land while both sides pay, counted
+    from the victim's ``go``."""
+    plan = [("up", rng.uniform(0, 0.004)), ("up", rng.uniform(0.002, 0.015))]
+    while len(plan) < kills:
+        r = rng.random()
+        if r < 0.3:
+            plan.append(("up", rng.uniform(0, 0.05)))
+        elif r < 0.45:
+            plan.append(("stream", rng.uniform(0, 0.02)))
+        else:
+            plan.append(("stream", rng.uniform(0.02, 0.3)))
+    return plan
+
+
+@pytest.mark.parametrize("victim_role", ["opener", "responder"])
+async def test_sigkill_victim_keeps_every_signed_state(tmp_path: Path, victim_role: str) -> None:
+    """A party SIGKILLed at any point during a stream of pipelined updates (while opening
+    the channel, while resyncing after a restart, mid-stream) restarts from its store
+    holding every state whose signature it had sent, never signs a version twice with
+    different content, and resyncs with its peer to the same latest co-signed version;
+    the final balances conserve the totals."""
+    seed = int(os.environ.get("CRASH_SEED", str(random.randrange(2**32))))
+    rng = random.Random(seed)
+    print(f"CRASH_SEED={seed}")
+    victim_key = Signer.from_bytes(VICTIM_SECRET)
+    surv_key = Signer.from_bytes(SURVIVOR_SECRET)
+    store_path = tmp_path / "victim.sqlite"
+    env = {**os.environ, crash_party.SECRET_ENV: VICTIM_SECRET.hex()}
+    env.pop("PYTHONPATH", None)
+    kills = KILLS if victim_role == "opener" else KILLS // 2
+    t0 = time.monotonic()
+    stats: dict[str, int] = {}
+    phases = {"up": 0, "stream": 0}
+    resync_versions: list[int] = []
+
+    async with (
+        open_client(
+            surv_key,
+            tmp_path / "survivor.sqlite",
+            update_timeout=crash_party.UPDATE_TIMEOUT,
+        ) as surv,
+        trio.open_nursery() as nursery,
+    ):
+        rec = Recorder(surv, victim_key.address)
+        if victim_role == "opener":
+            argv = ["--role", "opener", "--store", str(store_path)]
+            argv += ["--peer", str(surv.peer_address())]
+        else:
+            port = _free_port()
+            argv = ["--role", "responder", "--store", str(store_path), "--listen", str(port)]
+        cid: bytes | None = None
+        payer: SurvivorPayer | None = None
+
+        async def survivor_opens(port: int) -> None:
+            addr = PeerAddress(node_id=victim_key.node_id, host="127.0.0.1", port=port)
+            with contextlib.suppress(trio.TooSlowError):
+                await surv.connect(addr)  # starts the one dial loop; it keeps redialling
+            while not surv.channels():
+                await surv.wait_connected(victim_key.node_id)
+                # By node id: a second connect() to a peer being redialled would start a
+                # second dial loop.  PeerTimeout after the Open is fine: it is resent on
+                # reconnect.
+                with contextlib.suppress(ChannelError):
+                    await surv.open_channel(
+                        victim_key.node_id,
+                        chain_id=crash_party.CHAIN_ID,
+                        adjudicator=crash_party.ADJUDICATOR,
+                        challenge_duration=3600,
+                        balances=[(a, theirs, ours) for a, ours, theirs in crash_party.BALANCES],
+                    )
+
+        try:
+            for i, (phase, delay) in enumerate(_plan(rng, kills)):
+                victim = await Victim.start(argv, env, tmp_path / "victim.log")
+                up = await victim.expect("up")
+                if victim_role == "responder" and cid is None and i == 0:
+                    nursery.start_soon(survivor_opens, up["port"])
+                if phase == "stream":
+                    ready = await victim.expect("ready")
+                    cid = bytes.fromhex(ready["cid"])
+                    if payer is None:
+                        payer = SurvivorPayer(surv, cid, nursery, 3)
+                    await payer.stop()
+                    resync_versions.append(await check_converged(victim, surv, cid))
+                    payer.go()
+                    assert victim.proc.stdin is not None
+                    await victim.proc.stdin.send_all(b"go 6\n")
+                await trio.sleep(delay)
+                await victim.kill()
+                phases[phase] += 1
+                print(f"kill {i}: {phase} +{delay * 1000:.0f} ms, {rec.versions()} versions seen")
+                for k, n in check_store(store_path, victim_key, rec).items():
+                    stats[k] = n
+            # The last life: restart, resync, then everybody stops and must agree.
+            victim = await Victim.start(argv, env, tmp_path / "victim.log")
+            ready = await victim.expect("ready")
+            cid = bytes.fromhex(ready["cid"])
+            if payer is not None:
+                await payer.stop()
+            final_v = await check_converged(victim, surv, cid)
+            await victim.exit()
+        except BaseException:
+            print(f"CRASH_SEED={seed}; victim log: {tmp_path / 'victim.log'}")
+            raise
+        stats = check_store(store_path, victim_key, rec)
+
+        latest = surv.latest(cid)
+        assert latest is not None and latest.state.version == final_v
+        totals = [(a, x + y) for a, x, y in crash_party.BALANCES]
+        assert [(a.asset, a.total) for a in latest.state.allocations] == totals
+        assert all(a.locked == 0 for a in latest.state.allocations)
+        digest = state_digest(surv.params(cid), latest.state)
+        assert [recover(digest, s) for s in latest.signatures if s is not None] == list(
+            surv.params(cid).participants
+        )
+        assert not rec.problems, rec.problems[:10]
+        assert sum(phases.values()) == kills >= (20 if victim_role == "opener" else 10)
+        assert stats["checked"] >= 50, f"too few updates flowed: {stats}"
+        elapsed = time.monotonic() - t0
+        print(
+            f"{victim_role}: {kills} SIGKILLs {phases}, final v{final_v}, "
+            f"victim signatures checked {stats}, resync versions {resync_versions[:5]}..., "
+            f"survivor pays ok={payer.ok if payer else 0} failed="
+            f"{payer.failed if payer else 0}, {elapsed:.1f}s"
+        )
+        nursery.cancel_scope.cancel()
