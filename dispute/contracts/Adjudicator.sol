@@ -189,9 +189,10 @@ contract Adjudicator {
         bytes32 cid = s.channelId;
         if (disputes[cid] != 0) revert DisputeExists();
         uint64 version = s.version;
-        uint256 deadline = block.timestamp + p.challengeDuration;
+        // checked uint64: a duration that overflows cannot be claimed (it would never end anyway)
+        uint64 deadline = uint64(block.timestamp) + p.challengeDuration;
         disputes[cid] = _record(h, version, deadline);
-        emit Claimed(cid, version, uint64(deadline), h);
+        emit Claimed(cid, version, deadline, h);
     }
 
     /// @notice The fraud proof: replace the registered state by a strictly newer co-signed one,
@@ -201,7 +202,7 @@ contract Adjudicator {
     {
         bytes32 h = _checkSigned(p, s, sigs);
         bytes32 cid = s.channelId;
-        uint256 deadline = d.deadline;
+        uint64 deadline = d.deadline;
         bytes32 rec = disputes[cid];
         if (rec == 0) revert NoDispute();
         if (rec != _record(d.stateHash, d.version, deadline)) revert DisputeMismatch();
@@ -209,7 +210,7 @@ contract Adjudicator {
         uint64 version = s.version;
         if (version <= d.version) revert NotNewer();
         disputes[cid] = _record(h, version, deadline);
-        emit Refuted(cid, version, uint64(deadline), h);
+        emit Refuted(cid, version, deadline, h);
     }
 
     /// @notice After the window, pay out by the registered state (supplied again in calldata,
@@ -408,7 +409,7 @@ contract Adjudicator {
         }
     }
 
-    function _record(bytes32 h, uint64 version, uint256 deadline) private pure returns (bytes32 r) {
+    function _record(bytes32 h, uint64 version, uint64 deadline) private pure returns (bytes32 r) {
         assembly {
             let m := mload(0x40)
             mstore(m, h)
