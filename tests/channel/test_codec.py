@@ -476,11 +476,6 @@ def test_fuzz_well_formed_cbor_of_random_shape(mtype: int, fields: list[Any]) ->
     _decode_only_decode_errors(frame(PROTOCOL_VERSION, mtype, *fields))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: decode re-encodes a value-shared (CBOR tag 28/29) cyclic item and lets "
-    "cbor2.CBOREncodeValueError escape instead of DecodeError",
-)
 @pytest.mark.parametrize(
     "data",
     [
