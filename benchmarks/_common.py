@@ -39,7 +39,7 @@ def log(*parts: object) -> None:
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(q / 100.0 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, round(q / 100.0 * len(s) + 0.5) - 1))
     return s[k]
 
 
@@ -50,6 +50,8 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
+        # Other work on the machine skews every figure: recorded so runs can be compared.
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
     }
 
 

@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import (  # noqa: E402
+from _common import (
     ADJUDICATOR,
     BALANCES,
     CHAIN_ID,
@@ -51,6 +51,10 @@ from _common import (  # noqa: E402
 
 ETH = BALANCES[0][0]
 WINDOW = 64
+#: Concurrent pay() callers in the pipelined phase (4 x the window: it never runs dry).
+CALLERS = 4 * WINDOW
+#: Cap on the all-at-once phase (each pay its own task).
+ALL_AT_ONCE_MAX = 5000
 WARMUP = 300
 
 
@@ -131,25 +135,35 @@ def alice_main(
             for _ in range(WARMUP // 3):
                 await alice.pay(cid, ETH, 1)
 
-            # (a) pipelined
+            # (a) pipelined: N pays from CALLERS concurrent tasks, each awaiting its pays in
+            # turn, so the window (64) is always full and a queue of callers waits behind it.
             ctl.send("prof_on")
             ctl.recv()
             prof.on()
             a0, b0 = snap_both()
+            per_caller = -(-n_pipe // CALLERS)
             t0 = time.perf_counter()
+
+            async def caller(n: int) -> None:
+                for _ in range(n):
+                    await alice.pay(cid, ETH, 1)
+
             async with trio.open_nursery() as nursery:
-                for _ in range(n_pipe):
-                    nursery.start_soon(alice.pay, cid, ETH, 1)
+                for _ in range(CALLERS):
+                    nursery.start_soon(caller, per_caller)
             elapsed = time.perf_counter() - t0
             a1, b1 = snap_both()
             prof.off()
             out["pipelined"] = {
-                "updates": n_pipe,
+                "updates": per_caller * CALLERS,
                 "seconds": elapsed,
                 "alice": delta(a1, a0),
                 "bob": delta(b1, b0),
             }
-            log(f"  pipelined: {n_pipe} pays in {elapsed:.2f}s = {n_pipe / elapsed:,.0f}/s")
+            log(
+                f"  pipelined: {per_caller * CALLERS} pays from {CALLERS} callers in "
+                f"{elapsed:.2f}s = {per_caller * CALLERS / elapsed:,.0f}/s"
+            )
 
             # (b) lock-step
             prof.on()
@@ -172,6 +186,26 @@ def alice_main(
                 "bob": delta(b2, b1),
             }
             log(f"  lock-step: {n_lock} pays in {elapsed:.2f}s = {n_lock / elapsed:,.0f}/s")
+            # (c) every pay its own task, all started at once (the literal "N concurrent
+            # pays").  Time spent waiting for window space counts against the client's
+            # update_timeout, so a large N can end in PeerTimeout: that is reported.
+            n_all = min(n_pipe, ALL_AT_ONCE_MAX)
+            t0 = time.perf_counter()
+            error = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(n_all):
+                        nursery.start_soon(alice.pay, cid, ETH, 1)
+            except BaseException as exc:
+                leaf = exc
+                while isinstance(leaf, BaseExceptionGroup):
+                    leaf = leaf.exceptions[0]
+                error = f"{type(leaf).__name__}: {leaf}"
+            elapsed = time.perf_counter() - t0
+            out["all_at_once"] = {"updates": n_all, "seconds": elapsed, "error": error}
+            rate = n_all / elapsed
+            log(f"  all at once: {n_all} pays in {elapsed:.2f}s = {rate:,.0f}/s {error or ''}")
+            await alice.drain()
             latest = alice.latest(cid)
             assert latest is not None and latest.fully_signed
             out["final_version"] = latest.state.version
@@ -321,7 +355,9 @@ def bare_proposer_main(
         version += 1
         a0 = state0.allocations[0]
         allocs = (
-            Allocation(asset=a0.asset, balances=(a0.balances[0] - version, a0.balances[1] + version)),
+            Allocation(
+                asset=a0.asset, balances=(a0.balances[0] - version, a0.balances[1] + version)
+            ),
             *state0.allocations[1:],
         )
         st = State(channel_id=params.channel_id, version=version, allocations=allocs)
@@ -434,6 +470,9 @@ def main() -> None:
     ap.add_argument("--pipelined", type=int, help="pipelined pays (default 20000, quick 5000)")
     ap.add_argument("--lockstep", type=int, help="lock-step pays (default 2000, quick 1000)")
     ap.add_argument("--profile", metavar="DIR", help="write cProfile stats of both parties")
+    ap.add_argument(
+        "--no-bare", action="store_true", help="skip the bare baseline (for profiling runs)"
+    )
     args = ap.parse_args()
     n_pipe = args.pipelined or (5000 if args.quick else 20000)
     n_lock = args.lockstep or (1000 if args.quick else 2000)
@@ -441,9 +480,9 @@ def main() -> None:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
 
     t_start = time.perf_counter()
-    log(f"bare baseline: {n_pipe} pipelined + {n_lock} lock-step co-signed updates, plain TCP")
-    bare = run_bare(n_pipe, n_lock)
-    bare_rate = n_pipe / bare["pipelined_s"]
+    log("bare baseline: co-signed updates over plain TCP (no store, no encryption)")
+    bare = run_bare(*((64, 64) if args.no_bare else (n_pipe, n_lock)))
+    bare_rate = (64 if args.no_bare else n_pipe) / bare["pipelined_s"]
     log(f"  bare pipelined {bare_rate:,.0f}/s")
 
     log(f"channel: {n_pipe} pipelined + {n_lock} lock-step durable encrypted updates")
@@ -463,6 +502,12 @@ def main() -> None:
         "benchmark": "updates",
         "quick": args.quick,
         "updates_per_s_pipelined": round(rate_pipe, 1),
+        "updates_per_s_pipelined_all_at_once": round(
+            ch["all_at_once"]["updates"] / ch["all_at_once"]["seconds"], 1
+        ),
+        "all_at_once_updates": ch["all_at_once"]["updates"],
+        "all_at_once_error": ch["all_at_once"]["error"],
+        "pipelined_callers": CALLERS,
         "updates_per_s_lockstep": round(lock["updates"] / lock["seconds"], 1),
         "p50_ms_lockstep": round(percentile(lat_ms, 50), 3),
         "p99_ms_lockstep": round(percentile(lat_ms, 99), 3),
@@ -479,7 +524,9 @@ def main() -> None:
             2,
         ),
         "cpu_ms_per_update_pipelined": {
-            who: round((pipe[who]["cpu_user_s"] + pipe[who]["cpu_sys_s"]) * 1000 / pipe["updates"], 4)
+            who: round(
+                (pipe[who]["cpu_user_s"] + pipe[who]["cpu_sys_s"]) * 1000 / pipe["updates"], 4
+            )
             for who in ("alice", "bob")
         },
         "store_apply_wall_share_pipelined": {
