@@ -55,6 +55,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 class StoreCounter:
     """Counts ``Store.apply`` commits (one SQLite transaction = one WAL fsync with
     ``synchronous=FULL``), the ops they carry and the wall time spent in them."""

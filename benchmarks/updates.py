@@ -42,6 +42,7 @@ from _common import (
     CHAIN_ID,
     Profiler,
     StoreCounter,
+    cpu_seconds,
     delta,
     log,
     machine_info,
@@ -282,7 +283,7 @@ def _frame(data: bytes) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
-def bare_responder_main(secret: bytes, proposer_address: bytes, parent: Any) -> None:
+def bare_responder_main(secret: bytes, proposer_address: bytes, parent: Any, ctl: Any) -> None:
     import cbor2
     import trio
 
@@ -323,14 +324,21 @@ def bare_responder_main(secret: bytes, proposer_address: bytes, parent: Any) -> 
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
             parent.send(listeners[0].socket.getsockname()[1])
-            await trio.to_thread.run_sync(parent.recv)
+            while await trio.to_thread.run_sync(ctl.recv) == "snap":
+                ctl.send(cpu_seconds())
             nursery.cancel_scope.cancel()
 
     run_trio(main)
 
 
 def bare_proposer_main(
-    secret: bytes, responder_address: bytes, port: int, n_pipe: int, n_lock: int, parent: Any
+    secret: bytes,
+    responder_address: bytes,
+    port: int,
+    n_pipe: int,
+    n_lock: int,
+    parent: Any,
+    ctl: Any,
 ) -> None:
     import cbor2
     import trio
@@ -427,10 +435,18 @@ def bare_proposer_main(
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(_frame(cbor2.dumps(codec.params_to_wire(params), canonical=True)))
         await pipelined(stream, WARMUP)
+        ctl.send("snap")
+        r0, p0 = ctl.recv(), cpu_seconds()
         secs = await pipelined(stream, n_pipe)
+        ctl.send("snap")
+        r1, p1 = ctl.recv(), cpu_seconds()
         lat = await lockstep(stream, n_lock)
         await stream.aclose()
-        return {"pipelined_s": secs, "lockstep": lat}
+        return {
+            "pipelined_s": secs,
+            "lockstep": lat,
+            "cpu_s": {"proposer": p1 - p0, "responder": r1 - r0},
+        }
 
     parent.send(run_trio(main))
 
@@ -442,20 +458,23 @@ def run_bare(n_pipe: int, n_lock: int) -> dict[str, Any]:
     a, b = Signer.generate(), Signer.generate()
     r_parent, r_child = ctx.Pipe()
     p_parent, p_child = ctx.Pipe()
-    resp = ctx.Process(target=bare_responder_main, args=(b.secret_bytes(), a.address, r_child))
+    ctl_p, ctl_r = ctx.Pipe()
+    resp = ctx.Process(
+        target=bare_responder_main, args=(b.secret_bytes(), a.address, r_child, ctl_r)
+    )
     resp.start()
     if not r_parent.poll(30):
         raise RuntimeError("bare responder did not start")
     port = r_parent.recv()
     prop = ctx.Process(
         target=bare_proposer_main,
-        args=(a.secret_bytes(), b.address, port, n_pipe, n_lock, p_child),
+        args=(a.secret_bytes(), b.address, port, n_pipe, n_lock, p_child, ctl_p),
     )
     prop.start()
     if not p_parent.poll(300):
         raise RuntimeError("bare proposer did not finish")
     result: dict[str, Any] = p_parent.recv()
-    r_parent.send("stop")
+    ctl_p.send("stop")
     prop.join(30)
     resp.join(30)
     return result
@@ -482,7 +501,8 @@ def main() -> None:
     t_start = time.perf_counter()
     log("bare baseline: co-signed updates over plain TCP (no store, no encryption)")
     bare = run_bare(*((64, 64) if args.no_bare else (n_pipe, n_lock)))
-    bare_rate = (64 if args.no_bare else n_pipe) / bare["pipelined_s"]
+    bare_n = 64 if args.no_bare else n_pipe
+    bare_rate = bare_n / bare["pipelined_s"]
     log(f"  bare pipelined {bare_rate:,.0f}/s")
 
     log(f"channel: {n_pipe} pipelined + {n_lock} lock-step durable encrypted updates")
@@ -516,6 +536,9 @@ def main() -> None:
         "bare_updates_per_s_lockstep": round(len(bare_lat_ms) / (sum(bare_lat_ms) / 1000), 1),
         "bare_p50_ms_lockstep": round(percentile(bare_lat_ms, 50), 3),
         "bare_p99_ms_lockstep": round(percentile(bare_lat_ms, 99), 3),
+        "bare_cpu_ms_per_update_pipelined": {
+            who: round(bare["cpu_s"][who] * 1000 / bare_n, 4) for who in ("proposer", "responder")
+        },
         "fsyncs_per_update": round(per_update(pipe, "commits"), 4),
         "fsyncs_per_update_lockstep": round(per_update(lock, "commits"), 4),
         "store_ops_per_commit_pipelined": round(
