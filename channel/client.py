@@ -140,6 +140,13 @@ class _Channel:
         self.space.set()
         self.last_incoming = -math.inf  # trio time of the last proposal we accepted
         self.conflict_at = -math.inf  # trio time of the last conflict we saw
+        self.incoming = trio.Event()  # set (and replaced) whenever we accept a proposal
+
+    def incoming_changed(self) -> trio.Event:
+        """An event that fires on the next proposal we accept from the peer."""
+        if self.incoming.is_set():
+            self.incoming = trio.Event()
+        return self.incoming
 
 
 class Client:
@@ -173,7 +180,8 @@ class Client:
         self._wake = trio.Event()
         self._listeners: list[StateListener] = []
         self._nursery: trio.Nursery | None = None
-        self._flush_done = trio.Event()
+        self._idle = trio.Event()
+        self._peers_changed = trio.Event()
         self._load()
 
     # -- public API ---------------------------------------------------------
@@ -279,7 +287,7 @@ class Client:
                 # We won the last conflict: give the peer one turn before proposing again.
                 with trio.move_on_at(min(deadline, ch.conflict_at + YIELD_HOLD)):
                     while ch.conflict_at > ch.last_incoming:
-                        await trio.sleep(YIELD_QUIET / 5)
+                        await ch.incoming_changed().wait()
             while ch.machine.window_full():
                 if ch.space.is_set():
                     ch.space = trio.Event()
@@ -313,9 +321,11 @@ class Client:
             ch.conflict_at = trio.current_time()
             if ch.machine.should_yield:
                 # Let the peer (lower address) finish its burst: wait for a quiet gap.
-                await trio.sleep(YIELD_QUIET)
-                while trio.current_time() - ch.last_incoming < YIELD_QUIET:
-                    await trio.sleep(YIELD_QUIET)
+                while True:
+                    with trio.move_on_after(YIELD_QUIET) as quiet:
+                        await ch.incoming_changed().wait()
+                    if quiet.cancelled_caught:
+                        break
 
     async def pay(self, channel_id: bytes, asset: bytes, amount: int) -> SignedState:
         """Move ``amount`` of ``asset`` from us to the peer."""
@@ -359,8 +369,11 @@ class Client:
         ]
 
     async def wait_connected(self, node_id: bytes) -> None:
+        """Wait until a connection to ``node_id`` is up (use a cancel scope to bound it)."""
         while node_id not in self._peers:
-            await trio.sleep(0.005)
+            if self._peers_changed.is_set():
+                self._peers_changed = trio.Event()
+            await self._peers_changed.wait()
 
     # -- internals: channels --------------------------------------------------
 
@@ -453,6 +466,8 @@ class Client:
             for op in ops:
                 if isinstance(op, PersistLatest):
                     self._on_durable(op)
+            if not (self._ops or self._sends or self._notes):
+                self._idle.set()
 
     def _on_durable(self, op: PersistLatest) -> None:
         ch = self._channels.get(op.params.channel_id)
@@ -477,6 +492,7 @@ class Client:
             ch = self._channels.get(note.signed.state.channel_id)
             if ch is not None:
                 ch.last_incoming = trio.current_time()
+                ch.incoming.set()
         elif isinstance(note, NotifyProtocolError):
             log.info("refused from peer: %s", note.error)
 
@@ -516,6 +532,7 @@ class Client:
             await old.closed.wait()
         peer = _Peer(conn)
         self._peers[node_id] = peer
+        self._peers_changed.set()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, peer)
@@ -657,7 +674,10 @@ class Client:
     async def drain(self) -> None:
         """Wait until everything emitted so far is durable and handed to the sockets."""
         while self._ops or self._sends or self._notes:
-            await trio.sleep(0.001)
+            if self._idle.is_set():
+                self._idle = trio.Event()
+            self._wake.set()
+            await self._idle.wait()
         await trio.lowlevel.checkpoint()
 
 

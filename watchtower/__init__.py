@@ -1,1 +1,3 @@
-"""optichannel watchtower: third-party dispute responder (see DESIGN.md section 7; not built yet)."""
+"""optichannel watchtower: the third-party dispute responder (DESIGN.md section 7).
+
+Not built yet."""

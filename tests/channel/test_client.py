@@ -25,16 +25,17 @@ TOTAL = 1_000_000
 
 
 @asynccontextmanager
-async def pair(
-    tmp_path: Path, **bob_kwargs: object
-) -> AsyncIterator[tuple[Client, Client, bytes]]:
+async def pair(tmp_path: Path, **bob_kwargs: object) -> AsyncIterator[tuple[Client, Client, bytes]]:
     alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
     async with (
         open_client(alice_key, tmp_path / "alice.sqlite", update_timeout=3) as alice,
         open_client(bob_key, tmp_path / "bob.sqlite", **bob_kwargs) as bob,  # type: ignore[arg-type]
     ):
         cid = await alice.open_channel(
-            bob.peer_address(), chain_id=31337, adjudicator=ADJ, challenge_duration=60,
+            bob.peer_address(),
+            chain_id=31337,
+            adjudicator=ADJ,
+            challenge_duration=60,
             balances=[(ETH, TOTAL, TOTAL)],
         )
         yield alice, bob, cid
@@ -47,7 +48,7 @@ def _same_latest(a: Client, b: Client, cid: bytes) -> bool:
 
 async def _wait_same(a: Client, b: Client, cid: bytes) -> None:
     with trio.fail_after(5):
-        while not _same_latest(a, b, cid):
+        while not _same_latest(a, b, cid):  # noqa: ASYNC110 - polling two processes' views
             await trio.sleep(0.01)
 
 
@@ -97,8 +98,9 @@ async def test_policy_rejects_with_reason_and_channel_keeps_working(tmp_path: Pa
 
         def take_from_bob(tip: State) -> Update:
             a = tip.allocations[0]
-            return Update(allocations=(attrs.evolve(a, balances=(a.balances[0] + 500,
-                                                                  a.balances[1] - 500)),))
+            return Update(
+                allocations=(attrs.evolve(a, balances=(a.balances[0] + 500, a.balances[1] - 500)),)
+            )
 
         with pytest.raises(UpdateRejected, match="risk limit"):
             await alice.update(cid, take_from_bob)
@@ -114,10 +116,12 @@ async def test_conservation_violation_by_caller_is_refused_locally(tmp_path: Pat
     from channel.errors import LocalProtocolError
 
     async with pair(tmp_path) as (alice, bob, cid):
+
         def mint(tip: State) -> Update:
             a = tip.allocations[0]
-            return Update(allocations=(attrs.evolve(a, balances=(a.balances[0] + 1,
-                                                                  a.balances[1])),))
+            return Update(
+                allocations=(attrs.evolve(a, balances=(a.balances[0] + 1, a.balances[1])),)
+            )
 
         with pytest.raises(LocalProtocolError):
             await alice.update(cid, mint)
@@ -141,10 +145,20 @@ async def test_bad_frames_from_a_stranger_change_nothing(tmp_path: Path) -> None
         assert before_b is not None
         stranger = Signer.generate()
         forged_state = attrs.evolve(before_b.state, version=before_b.state.version + 1)
-        good = codec.encode(Propose(base_version=before_b.state.version, state=forged_state,
-                                    signature=stranger.sign(b"\x11" * 32)))
-        frames = [b"\xff\x00", b"\x82\x01\x63abc", codec.encode(codec.Error(reason="x")) + b"\x00",
-                  b"\x83\x01\x18\x63\x00", good]
+        good = codec.encode(
+            Propose(
+                base_version=before_b.state.version,
+                state=forged_state,
+                signature=stranger.sign(b"\x11" * 32),
+            )
+        )
+        frames = [
+            b"\xff\x00",
+            b"\x82\x01\x63abc",
+            codec.encode(codec.Error(reason="x")) + b"\x00",
+            b"\x83\x01\x18\x63\x00",
+            good,
+        ]
         await _raw_stranger_frames(bob, frames, stranger)
         assert bob.latest(cid) == before_b and alice.latest(cid) == before_a
         await alice.pay(cid, ETH, 1)
@@ -162,31 +176,46 @@ async def test_counterparty_bad_signatures_and_replays_are_refused(tmp_path: Pat
         params = alice.params(cid)
         v = latest.state.version
         a0 = latest.state.allocations[0]
-        nxt = attrs.evolve(latest.state, version=v + 1,
-                           allocations=(attrs.evolve(a0, balances=(a0.balances[0] - 1,
-                                                                    a0.balances[1] + 1)),))
+        nxt = attrs.evolve(
+            latest.state,
+            version=v + 1,
+            allocations=(attrs.evolve(a0, balances=(a0.balances[0] - 1, a0.balances[1] + 1)),),
+        )
         digest = state_digest(params, nxt)
         good_sig = alice.signer.sign(digest)
         s = int.from_bytes(good_sig[32:64], "big")
         high_s = good_sig[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([good_sig[64] ^ 1])
         assert SECP256K1_N - s > HALF_N
         other = Signer.generate().sign(digest)
-        minted = attrs.evolve(nxt, allocations=(attrs.evolve(a0, balances=(a0.balances[0],
-                                                                            a0.balances[1] + 9)),))
+        minted = attrs.evolve(
+            nxt, allocations=(attrs.evolve(a0, balances=(a0.balances[0], a0.balances[1] + 9)),)
+        )
         wrong_cid = attrs.evolve(nxt, channel_id=b"\x01" * 32)
         old = attrs.evolve(nxt, version=v - 1)
         bad = [
             Propose(base_version=v, state=nxt, signature=good_sig[:64] + b"\x05"),
             Propose(base_version=v, state=nxt, signature=high_s),
             Propose(base_version=v, state=nxt, signature=other),
-            Propose(base_version=v - 1, state=old, signature=alice.signer.sign(
-                state_digest(params, old))),
-            Propose(base_version=v, state=latest.state, signature=alice.signer.sign(
-                state_digest(params, latest.state))),
-            Propose(base_version=v, state=minted, signature=alice.signer.sign(
-                state_digest(params, minted))),
-            Propose(base_version=v, state=wrong_cid, signature=alice.signer.sign(
-                state_digest(params, wrong_cid))),
+            Propose(
+                base_version=v - 1,
+                state=old,
+                signature=alice.signer.sign(state_digest(params, old)),
+            ),
+            Propose(
+                base_version=v,
+                state=latest.state,
+                signature=alice.signer.sign(state_digest(params, latest.state)),
+            ),
+            Propose(
+                base_version=v,
+                state=minted,
+                signature=alice.signer.sign(state_digest(params, minted)),
+            ),
+            Propose(
+                base_version=v,
+                state=wrong_cid,
+                signature=alice.signer.sign(state_digest(params, wrong_cid)),
+            ),
         ]
         # Alice's own key speaks these over a second connection, as a buggy or malicious peer.
         await _raw_stranger_frames(bob, [codec.encode(m) for m in bad], alice.signer)
@@ -203,8 +232,8 @@ async def test_counterparty_bad_signatures_and_replays_are_refused(tmp_path: Pat
 
 async def _wait_connected(alice: Client, bob: Client) -> None:
     with trio.fail_after(5):
-        while bob.node_id not in alice._peers or alice.node_id not in bob._peers:
-            await trio.sleep(0.01)
+        await alice.wait_connected(bob.node_id)
+        await bob.wait_connected(alice.node_id)
 
 
 async def test_restart_from_store_resumes_the_channel(tmp_path: Path) -> None:
@@ -212,8 +241,13 @@ async def test_restart_from_store_resumes_the_channel(tmp_path: Path) -> None:
     alice_key, bob_key = Signer.generate(), Signer.generate()
     async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
         async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
-            cid = await alice.open_channel(bob.peer_address(), chain_id=1, adjudicator=ADJ,
-                                           challenge_duration=60, balances=[(ETH, 100, 100)])
+            cid = await alice.open_channel(
+                bob.peer_address(),
+                chain_id=1,
+                adjudicator=ADJ,
+                challenge_duration=60,
+                balances=[(ETH, 100, 100)],
+            )
             for _ in range(5):
                 await alice.pay(cid, ETH, 1)
         async with open_client(alice_key, tmp_path / "alice.sqlite") as alice2:
