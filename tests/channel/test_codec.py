@@ -438,7 +438,7 @@ def test_fuzz_random_bytes(data: bytes) -> None:
     _decode_only_decode_errors(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_fuzz_mutated_frames(data: st.DataObject) -> None:
     """Bit flips, insertions and deletions in valid frames only ever raise DecodeError."""
@@ -469,7 +469,7 @@ cbor_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.sampled_from([1, 2, 3, 4, 5, 6, 7]), st.lists(cbor_values, max_size=6))
 def test_fuzz_well_formed_cbor_of_random_shape(mtype: int, fields: list[Any]) -> None:
     """Canonical CBOR arrays [1, type, random fields...] only ever raise DecodeError."""
