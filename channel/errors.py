@@ -35,6 +35,10 @@ class ProposalConflict(RemoteProtocolError):
     """Both parties proposed at once; both proposals are refused and may be retried."""
 
 
+class ChannelFinal(RemoteProtocolError):
+    """The peer proposed an update to a channel whose latest state is final."""
+
+
 class ConservationError(ChannelError):
     """An update changes the total held for some asset, or goes negative."""
 

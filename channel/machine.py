@@ -59,6 +59,7 @@ from channel.codec import Accept, Open, Propose, Reject, Sync
 from channel.eip712 import state_digest
 from channel.errors import (
     ChannelError,
+    ChannelFinal,
     ConservationError,
     FundsAtRiskError,
     InvalidSignature,
@@ -161,7 +162,11 @@ class SendMessage:
 
 @attrs.frozen(kw_only=True)
 class NotifyAccepted:
-    """Our proposal ``update_id`` is co-signed (and durable)."""
+    """Our proposal ``update_id`` is co-signed (and durable).
+
+    ``signed`` is normally that proposal's state; after a resync it may be a newer
+    co-signed state that includes the update (the peer's signatures on the
+    intermediate versions were lost with the connection)."""
 
     update_id: int
     signed: SignedState
@@ -446,7 +451,7 @@ class ChannelMachine:
         if self.latest is None:
             raise StaleVersion(f"channel {cid} is still opening")
         if self.latest.state.is_final:
-            raise LocalProtocolError(f"channel {cid} is final")
+            raise ChannelFinal(f"channel {cid} is final at v{self.latest.state.version}")
         if self.pending:
             raise ProposalConflict(
                 f"channel {cid} v{state.version} crosses our own proposal "
@@ -540,10 +545,16 @@ class ChannelMachine:
             self.latest = theirs
             self.max_signed = max(self.max_signed, theirs.state.version)
             out.append(PersistLatest(params=self.params, signed=theirs))
-            # Our proposals up to that version are settled one way or the other.
+            # Our proposals up to that version are settled one way or the other.  The peer
+            # countersigns ours only in order, each built on the one before, so if it
+            # co-signed one of them it co-signed every earlier one too: those updates are
+            # done (their effects are in ``theirs``), the ones after are superseded.
+            settled: list[InFlight] = []
             while self.pending and self.pending[0].proposal.state.version <= theirs.state.version:
-                f = self.pending.pop(0)
-                if f.proposal.state == theirs.state:
+                settled.append(self.pending.pop(0))
+            cut = next((i for i, f in enumerate(settled) if f.proposal.state == theirs.state), -1)
+            for i, f in enumerate(settled):
+                if i <= cut:
                     out.append(NotifyAccepted(update_id=f.update_id, signed=theirs))
                 else:
                     out.append(

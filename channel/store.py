@@ -186,7 +186,7 @@ class Store:
         out = []
         rows = self._db.execute(
             "SELECT channel_id, params, me, peer_node_id, peer_addr, latest_version, "
-            "max_signed, status FROM channels ORDER BY created_at"
+            "max_signed, status FROM channels ORDER BY created_at, channel_id"
         ).fetchall()
         for cid, params_blob, me, peer, addr, latest_v, max_signed, status in rows:
             params = codec.params_from_wire(cbor2.loads(params_blob))
@@ -306,6 +306,14 @@ def _put_latest(db: sqlite3.Connection, op: PersistLatest) -> None:
     cid = op.params.channel_id
     s = op.signed
     v = s.state.version
+    blob = _state_blob(codec.state_to_wire(s.state))
+    row = db.execute(
+        "SELECT state FROM states WHERE channel_id=? AND version=?", (cid, v)
+    ).fetchone()
+    if row is not None and bytes(row[0]) != blob:
+        raise StoreError(
+            f"channel {cid.hex()[:16]}: v{v} differs from the state we signed there (rule S)"
+        )
     db.execute(
         "INSERT INTO states (channel_id, version, base_version, state, sig0, sig1, status) "
         "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id, version) DO UPDATE SET "
@@ -314,7 +322,7 @@ def _put_latest(db: sqlite3.Connection, op: PersistLatest) -> None:
             cid,
             v,
             v - 1 if v else 0,
-            _state_blob(codec.state_to_wire(s.state)),
+            blob,
             s.signatures[0],
             s.signatures[1],
             COSIGNED,

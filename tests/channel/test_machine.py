@@ -570,11 +570,6 @@ def test_proposal_on_final_state_rejected() -> None:
     assert isinstance(outs[0].msg, Reject)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a peer's proposal on a final channel is reported as LocalProtocolError "
-    "(the caller-mistake family) instead of a RemoteProtocolError",
-)
 def test_proposal_on_final_state_is_a_remote_error() -> None:
     """A peer's proposal on a final state is the peer's fault: a RemoteProtocolError."""
     link = _finalised()
@@ -796,12 +791,6 @@ def test_resync_both_pending_one_delivered() -> None:
     assert link.a.m.latest is not None and link.a.m.latest.state.version == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Machine._on_sync reports pipelined proposals that the peer co-signed (and "
-    "built on) as NotifyRejected('superseded on resync', retryable=True) when the Accepts "
-    "were lost; a caller retrying them applies the update twice",
-)
 def test_resync_after_lost_accepts_of_pipeline() -> None:
     """Every pipelined proposal the peer accepted is reported accepted after resync."""
     link = Link()

@@ -232,12 +232,6 @@ def test_resigning_a_version_refused(path: Path, existing: str) -> None:
         assert contents(store, f.params) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: store._put_latest upserts with ON CONFLICT DO UPDATE, so a co-signed state "
-    "that differs from the state we already signed at that version (in flight or burned) "
-    "silently overwrites it instead of raising StoreError (rule S)",
-)
 @pytest.mark.parametrize("existing", ["in-flight", "burned"])
 def test_latest_differing_from_our_signed_state_refused(path: Path, existing: str) -> None:
     """A co-signed latest that differs from the state we signed at that version is refused."""
