@@ -89,3 +89,11 @@ class ChainError(ChannelError):
 
 class FundsAtRiskError(ChannelError):
     """A condition where funds may be lost unless someone acts.  Never swallow it."""
+
+
+class Reverted(ChainError):
+    """A call or transaction reverted; ``data`` is the revert data (custom error)."""
+
+    def __init__(self, message: str, *, data: bytes = b"") -> None:
+        super().__init__(message)
+        self.data = data
