@@ -20,6 +20,10 @@ stdin
   ``exit``      shut down cleanly
 
 The process is meant to be SIGKILLed at any moment; it never cleans up on its own.
+
+``CRASH_PARTY_FAULT=send-before-persist`` (TEST-ONLY) breaks the client's
+persist-then-send rule on purpose, so the crash test can show that its checks
+catch a party that signs and sends before its store has the state.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ from channel.client import Client, open_client
 from channel.eip712 import state_digest
 from channel.errors import ChannelError
 from channel.keys import Signer
+from channel.machine import PersistLatest
 from channel.state import ETH
 from channel.transport import PeerAddress
 
 SECRET_ENV = "CRASH_PARTY_SECRET"
+FAULT_ENV = "CRASH_PARTY_FAULT"
 TOKEN = bytes.fromhex("00000000000000000000000000000000000000a1")
 ADJUDICATOR = bytes.fromhex("00000000000000000000000000000000000000ad")
 CHAIN_ID = 31337
@@ -134,7 +140,32 @@ class Payer:
                 self.idle.set()
 
 
+async def _flusher_send_before_persist(self: Client) -> None:
+    """TEST-ONLY FAULT: ``Client._flusher`` with the frames sent *before* the fsync,
+    and a 20 ms gap between the two, so a SIGKILL lands in between."""
+    while True:
+        await self._wake.wait()
+        self._wake = trio.Event()
+        ops, sends, notes = self._ops, self._sends, self._notes
+        self._ops, self._sends, self._notes = [], [], []
+        for node_id, frame in sends:
+            p = self._peers.get(node_id)
+            if p is not None:
+                p.queued += 1
+                p.send.send_nowait([frame])
+        await trio.sleep(0.02)
+        if ops:
+            await trio.to_thread.run_sync(self.store.apply, ops)
+        for note in notes:
+            self._notify(note)
+        for op in ops:
+            if isinstance(op, PersistLatest):
+                self._on_durable(op)
+
+
 async def main(args: argparse.Namespace) -> None:
+    if os.environ.get(FAULT_ENV) == "send-before-persist":
+        Client._flusher = _flusher_send_before_persist  # type: ignore[method-assign]
     signer = Signer.from_bytes(bytes.fromhex(os.environ[SECRET_ENV]))
     peer = PeerAddress.parse(args.peer) if args.peer else None
     port = args.listen if args.role == "responder" else None

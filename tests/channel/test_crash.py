@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -58,7 +59,6 @@ pytestmark = pytest.mark.slow
 VICTIM_SECRET = bytes.fromhex("11" * 31 + "01")
 SURVIVOR_SECRET = bytes.fromhex("22" * 31 + "02")
 
-KILLS = 22
 STATUS_NAMES = {IN_FLIGHT: "in_flight", COSIGNED: "cosigned", BURNED: "burned"}
 
 
@@ -82,12 +82,18 @@ class Recorder:
         self.mine: dict[tuple[bytes, int], State] = {}
         self.problems: list[str] = []
         self.messages = 0
+        #: The most victim proposals seen ahead of our latest co-signed state at once.
+        self.max_depth = 0
+        self._trigger: tuple[Callable[[codec.Message], bool], trio.Event] | None = None
         orig_dispatch: Callable[[bytes, codec.Message], None] = client._dispatch
         orig_emit: Callable[[bytes, Any], None] = client._emit
 
         def dispatch(node_id: bytes, msg: codec.Message) -> None:
             self.messages += 1
             self._on_message(msg)
+            if self._trigger is not None and self._trigger[0](msg):
+                self._trigger[1].set()
+                self._trigger = None
             orig_dispatch(node_id, msg)
 
         def emit(peer: bytes, outputs: Any) -> None:
@@ -101,6 +107,13 @@ class Recorder:
 
         client._dispatch = dispatch  # type: ignore[method-assign]
         client._emit = emit  # type: ignore[method-assign]
+
+    def arm(self, predicate: Callable[[codec.Message], bool]) -> trio.Event:
+        """An event set when the next message from the victim matching ``predicate``
+        arrives (before our machine handles it): a kill on it lands at a known step."""
+        event = trio.Event()
+        self._trigger = (predicate, event)
+        return event
 
     def _params(self, cid: bytes) -> Params | None:
         ch = self.client._channels.get(cid)
@@ -129,6 +142,10 @@ class Recorder:
             params = self._params(msg.state.channel_id)
             if params is not None:
                 self._record(params, msg.state, msg.signature, "Propose")
+                latest = self.client._channels[msg.state.channel_id].machine.latest
+                if latest is not None:
+                    depth = msg.state.version - latest.state.version
+                    self.max_depth = max(self.max_depth, depth)
         elif isinstance(msg, Accept):
             params = self._params(msg.channel_id)
             state = self.mine.get((msg.channel_id, msg.version))
@@ -158,8 +175,16 @@ def check_store(path: Path, victim: Signer, rec: Recorder) -> dict[str, int]:
     (co-signed latest, or in the audit trail with the same content), or superseded by a
     newer co-signed version; no version carries two different victim-signed states; and
     the victim's ``max_signed`` covers every version it put on the wire.  The victim must
-    be dead (or stopped) while this runs."""
-    store = Store(path, owner=victim.address)
+    be dead (or stopped) while this runs.  The store is read from a copy, so the WAL
+    recovery that counts is the restarted victim's own."""
+    scratch = path.parent / "check"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    for suffix in ("", "-wal"):
+        src = path.with_name(path.name + suffix)
+        if src.exists():
+            shutil.copyfile(src, scratch / src.name)
+    store = Store(scratch / path.name, owner=victim.address)
     try:
         records = {r.params.channel_id: r for r in store.load()}
         trails = {cid: {v: (st, s) for v, st, s in store.signed_states(cid)} for cid in records}
@@ -354,23 +379,53 @@ async def check_converged(victim: Victim, surv: Client, cid: bytes) -> int:
 
 
 def _plan(rng: random.Random, kills: int) -> list[tuple[str, float]]:
-    """(phase, delay in s): 'up' kills land during open / reconnect / resync, counted
-    from the victim's first line; 'stream' kills land while both sides pay, counted
-    from the victim's ``go``."""
-    plan = [("up", rng.uniform(0, 0.004)), ("up", rng.uniform(0.002, 0.015))]
+    """(phase, delay in s).  'open': after the victim's first channel-open message
+    reaches the survivor; 'sync': after the victim's first Sync of a new life reaches
+    the survivor (right after reconnect); 'up': after the victim process reports that
+    its client runs (dialling, handshake, resync); 'stream': after both sides start
+    paying."""
+    plan = [("open", rng.uniform(0, 0.002)), ("up", rng.uniform(0, 0.004))]
     while len(plan) < kills:
         r = rng.random()
-        if r < 0.3:
+        if r < 0.2:
             plan.append(("up", rng.uniform(0, 0.05)))
-        elif r < 0.45:
+        elif r < 0.4:
+            plan.append(("sync", rng.uniform(0, 0.005)))
+        elif r < 0.55:
             plan.append(("stream", rng.uniform(0, 0.02)))
         else:
             plan.append(("stream", rng.uniform(0.02, 0.3)))
     return plan
 
 
-@pytest.mark.parametrize("victim_role", ["opener", "responder"])
-async def test_sigkill_victim_keeps_every_signed_state(tmp_path: Path, victim_role: str) -> None:
+def _opens(role: str) -> Callable[[codec.Message], bool]:
+    """The victim's message that shows the channel open is under way."""
+    if role == "opener":
+        return lambda m: isinstance(m, Open)
+    return lambda m: isinstance(m, Accept) and m.version == 0
+
+
+def _is_sync(m: codec.Message) -> bool:
+    return isinstance(m, Sync)
+
+
+def _victim_env(fault: str | None = None) -> dict[str, str]:
+    env = {**os.environ, crash_party.SECRET_ENV: VICTIM_SECRET.hex()}
+    env.pop("PYTHONPATH", None)
+    env.pop(crash_party.FAULT_ENV, None)
+    if fault is not None:
+        env[crash_party.FAULT_ENV] = fault
+    return env
+
+
+def _opener_argv(store_path: Path, surv: Client) -> list[str]:
+    return ["--role", "opener", "--store", str(store_path), "--peer", str(surv.peer_address())]
+
+
+@pytest.mark.parametrize(("victim_role", "kills"), [("opener", 22), ("responder", 10)])
+async def test_sigkill_victim_keeps_every_signed_state(
+    tmp_path: Path, victim_role: str, kills: int
+) -> None:
     """A party SIGKILLed at any point during a stream of pipelined updates (while opening
     the channel, while resyncing after a restart, mid-stream) restarts from its store
     holding every state whose signature it had sent, never signs a version twice with
@@ -382,26 +437,22 @@ async def test_sigkill_victim_keeps_every_signed_state(tmp_path: Path, victim_ro
     victim_key = Signer.from_bytes(VICTIM_SECRET)
     surv_key = Signer.from_bytes(SURVIVOR_SECRET)
     store_path = tmp_path / "victim.sqlite"
-    env = {**os.environ, crash_party.SECRET_ENV: VICTIM_SECRET.hex()}
-    env.pop("PYTHONPATH", None)
-    kills = KILLS if victim_role == "opener" else KILLS // 2
+    log_path = tmp_path / "victim.log"
+    env = _victim_env()
     t0 = time.monotonic()
-    stats: dict[str, int] = {}
-    phases = {"up": 0, "stream": 0}
+    totals = {"in_flight_at_kill": 0, "superseded_at_kill": 0}
+    phases = {"open": 0, "up": 0, "sync": 0, "stream": 0}
     resync_versions: list[int] = []
 
     async with (
         open_client(
-            surv_key,
-            tmp_path / "survivor.sqlite",
-            update_timeout=crash_party.UPDATE_TIMEOUT,
+            surv_key, tmp_path / "survivor.sqlite", update_timeout=crash_party.UPDATE_TIMEOUT
         ) as surv,
         trio.open_nursery() as nursery,
     ):
         rec = Recorder(surv, victim_key.address)
         if victim_role == "opener":
-            argv = ["--role", "opener", "--store", str(store_path)]
-            argv += ["--peer", str(surv.peer_address())]
+            argv = _opener_argv(store_path, surv)
         else:
             port = _free_port()
             argv = ["--role", "responder", "--store", str(store_path), "--listen", str(port)]
@@ -428,10 +479,16 @@ async def test_sigkill_victim_keeps_every_signed_state(tmp_path: Path, victim_ro
 
         try:
             for i, (phase, delay) in enumerate(_plan(rng, kills)):
-                victim = await Victim.start(argv, env, tmp_path / "victim.log")
+                trigger = None
+                if phase in ("open", "sync"):
+                    trigger = rec.arm(_opens(victim_role) if phase == "open" else _is_sync)
+                victim = await Victim.start(argv, env, log_path)
                 up = await victim.expect("up")
-                if victim_role == "responder" and cid is None and i == 0:
+                if victim_role == "responder" and i == 0:
                     nursery.start_soon(survivor_opens, up["port"])
+                if trigger is not None:
+                    with trio.fail_after(20):
+                        await trigger.wait()
                 if phase == "stream":
                     ready = await victim.expect("ready")
                     cid = bytes.fromhex(ready["cid"])
@@ -445,39 +502,78 @@ async def test_sigkill_victim_keeps_every_signed_state(tmp_path: Path, victim_ro
                 await trio.sleep(delay)
                 await victim.kill()
                 phases[phase] += 1
-                print(f"kill {i}: {phase} +{delay * 1000:.0f} ms, {rec.versions()} versions seen")
-                for k, n in check_store(store_path, victim_key, rec).items():
-                    stats[k] = n
+                stats = check_store(store_path, victim_key, rec)
+                totals["in_flight_at_kill"] += stats["in_flight"]
+                totals["superseded_at_kill"] += stats["superseded"]
+                print(
+                    f"kill {i:2}: {phase:6} +{delay * 1000:3.0f} ms; "
+                    f"victim-signed versions seen {rec.versions()}; store check {stats}"
+                )
             # The last life: restart, resync, then everybody stops and must agree.
-            victim = await Victim.start(argv, env, tmp_path / "victim.log")
+            victim = await Victim.start(argv, env, log_path)
             ready = await victim.expect("ready")
             cid = bytes.fromhex(ready["cid"])
             if payer is not None:
                 await payer.stop()
             final_v = await check_converged(victim, surv, cid)
             await victim.exit()
+            stats = check_store(store_path, victim_key, rec)
         except BaseException:
-            print(f"CRASH_SEED={seed}; victim log: {tmp_path / 'victim.log'}")
+            print(f"CRASH_SEED={seed}; victim log: {log_path}")
             raise
-        stats = check_store(store_path, victim_key, rec)
-
-        latest = surv.latest(cid)
-        assert latest is not None and latest.state.version == final_v
-        totals = [(a, x + y) for a, x, y in crash_party.BALANCES]
-        assert [(a.asset, a.total) for a in latest.state.allocations] == totals
-        assert all(a.locked == 0 for a in latest.state.allocations)
-        digest = state_digest(surv.params(cid), latest.state)
-        assert [recover(digest, s) for s in latest.signatures if s is not None] == list(
-            surv.params(cid).participants
-        )
-        assert not rec.problems, rec.problems[:10]
-        assert sum(phases.values()) == kills >= (20 if victim_role == "opener" else 10)
-        assert stats["checked"] >= 50, f"too few updates flowed: {stats}"
-        elapsed = time.monotonic() - t0
-        print(
-            f"{victim_role}: {kills} SIGKILLs {phases}, final v{final_v}, "
-            f"victim signatures checked {stats}, resync versions {resync_versions[:5]}..., "
-            f"survivor pays ok={payer.ok if payer else 0} failed="
-            f"{payer.failed if payer else 0}, {elapsed:.1f}s"
-        )
         nursery.cancel_scope.cancel()
+
+    latest = surv.latest(cid)
+    assert latest is not None and latest.state.version == final_v
+    expected = [(a, x + y) for a, x, y in crash_party.BALANCES]
+    assert [(a.asset, a.total) for a in latest.state.allocations] == expected
+    assert all(a.locked == 0 for a in latest.state.allocations)
+    params = surv.params(cid)
+    digest = state_digest(params, latest.state)
+    assert [recover(digest, s) for s in latest.signatures if s is not None] == list(
+        params.participants
+    )
+    assert not rec.problems, rec.problems[:10]
+    assert sum(phases.values()) == kills
+    assert stats["checked"] >= 50, f"too few updates flowed: {stats}"
+    assert rec.max_depth >= 2, "the victim's updates were never pipelined"
+    print(
+        f"{victim_role}: {kills} SIGKILLs {phases}, final v{final_v}, "
+        f"{stats['checked']} victim-signed versions checked {stats} {totals}, "
+        f"max pipeline depth {rec.max_depth}, converged after restarts at "
+        f"{resync_versions}, {time.monotonic() - t0:.1f}s"
+    )
+
+
+async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: Path) -> None:
+    """The store check is not vacuous: a victim that sends signatures before its store
+    has them (persist-then-send broken on purpose, TEST-ONLY fault in crash_party) is
+    caught within a few SIGKILLs."""
+    victim_key = Signer.from_bytes(VICTIM_SECRET)
+    store_path = tmp_path / "victim.sqlite"
+    caught = None
+    async with open_client(
+        Signer.from_bytes(SURVIVOR_SECRET),
+        tmp_path / "survivor.sqlite",
+        update_timeout=crash_party.UPDATE_TIMEOUT,
+    ) as surv:
+        rec = Recorder(surv, victim_key.address)
+        argv = _opener_argv(store_path, surv)
+        for _ in range(3):
+            victim = await Victim.start(
+                argv, _victim_env("send-before-persist"), tmp_path / "victim.log"
+            )
+            await victim.expect("ready")
+            proposed = rec.arm(lambda m: isinstance(m, Propose))
+            assert victim.proc.stdin is not None
+            await victim.proc.stdin.send_all(b"go 6\n")
+            with trio.fail_after(20):
+                await proposed.wait()
+            await victim.kill()  # its flusher is still in the 20 ms before the fsync
+            try:
+                check_store(store_path, victim_key, rec)
+            except AssertionError as exc:
+                caught = str(exc)
+                break
+    assert caught is not None, "a party that sends before persisting went unnoticed"
+    assert "not in the store" in caught or "different" in caught, caught
