@@ -16,10 +16,12 @@ Set ``CRASH_SEED`` to replay a run; the seed is printed on failure.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -27,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import trio
@@ -49,8 +51,8 @@ from channel.eip712 import state_digest  # noqa: E402
 from channel.errors import ChannelError, InvalidSignature  # noqa: E402
 from channel.keys import Signer, recover  # noqa: E402
 from channel.machine import PersistProposal  # noqa: E402
-from channel.state import Params, State  # noqa: E402
-from channel.store import BURNED, COSIGNED, IN_FLIGHT, Store  # noqa: E402
+from channel.state import ETH, Params, State  # noqa: E402
+from channel.store import BURNED, COSIGNED, IN_FLIGHT, ChannelRecord, Store  # noqa: E402
 from channel.transport import PeerAddress  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -186,7 +188,7 @@ def check_store(path: Path, victim: Signer, rec: Recorder) -> dict[str, int]:
             shutil.copyfile(src, scratch / src.name)
     store = Store(scratch / path.name, owner=victim.address)
     try:
-        records = {r.params.channel_id: r for r in store.load()}
+        records: dict[bytes, ChannelRecord] = {r.params.channel_id: r for r in store.load()}
         trails = {cid: {v: (st, s) for v, st, s in store.signed_states(cid)} for cid in records}
     finally:
         store.close()
@@ -246,10 +248,21 @@ def _open_log(path: Path) -> Any:
 class Victim:
     """One life of the victim process, driven over its stdin/stdout."""
 
+    #: Every life started, so a failing test leaves no orphan behind.
+    started: ClassVar[list[trio.Process]] = []
+
     def __init__(self, proc: trio.Process, log: Any) -> None:
         self.proc = proc
         self.log = log
         self.buf = b""
+        Victim.started.append(proc)
+
+    @classmethod
+    def kill_all(cls) -> None:
+        for proc in cls.started:
+            if proc.returncode is None:
+                proc.kill()
+        cls.started.clear()
 
     @classmethod
     async def start(cls, argv: list[str], env: dict[str, str], log_path: Path) -> Victim:
@@ -309,7 +322,8 @@ class SurvivorPayer:
         self.done: trio.Event = trio.Event()
         self.done.set()
         self.loops = 0
-        self.ok = self.failed = 0
+        self.ok = 0
+        self.failures: collections.Counter[str] = collections.Counter()
 
     def go(self) -> None:
         if self.running:
@@ -330,10 +344,11 @@ class SurvivorPayer:
         try:
             while self.running:
                 try:
-                    await self.client.pay(self.cid, crash_party.ETH, rng.randint(1, 1000))
+                    await self.client.pay(self.cid, ETH, rng.randint(1, 1000))
                     self.ok += 1
-                except ChannelError:
-                    self.failed += 1
+                except ChannelError as exc:
+                    text = re.sub(r"\b(v?\d+|[0-9a-f]{16})\b", "N", str(exc))
+                    self.failures[f"{type(exc).__name__}: {text}"] += 1
                     await trio.sleep(0.002)
         finally:
             self.loops -= 1
@@ -520,6 +535,7 @@ async def test_sigkill_victim_keeps_every_signed_state(
             stats = check_store(store_path, victim_key, rec)
         except BaseException:
             print(f"CRASH_SEED={seed}; victim log: {log_path}")
+            Victim.kill_all()
             raise
         nursery.cancel_scope.cancel()
 
@@ -541,7 +557,8 @@ async def test_sigkill_victim_keeps_every_signed_state(
         f"{victim_role}: {kills} SIGKILLs {phases}, final v{final_v}, "
         f"{stats['checked']} victim-signed versions checked {stats} {totals}, "
         f"max pipeline depth {rec.max_depth}, converged after restarts at "
-        f"{resync_versions}, {time.monotonic() - t0:.1f}s"
+        f"{resync_versions}, survivor pays ok {payer.ok if payer else 0} "
+        f"failed {dict(payer.failures) if payer else {}}, {time.monotonic() - t0:.1f}s"
     )
 
 
@@ -559,21 +576,24 @@ async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: P
     ) as surv:
         rec = Recorder(surv, victim_key.address)
         argv = _opener_argv(store_path, surv)
-        for _ in range(3):
-            victim = await Victim.start(
-                argv, _victim_env("send-before-persist"), tmp_path / "victim.log"
-            )
-            await victim.expect("ready")
-            proposed = rec.arm(lambda m: isinstance(m, Propose))
-            assert victim.proc.stdin is not None
-            await victim.proc.stdin.send_all(b"go 6\n")
-            with trio.fail_after(20):
-                await proposed.wait()
-            await victim.kill()  # its flusher is still in the 20 ms before the fsync
-            try:
-                check_store(store_path, victim_key, rec)
-            except AssertionError as exc:
-                caught = str(exc)
-                break
+        try:
+            for _ in range(3):
+                victim = await Victim.start(
+                    argv, _victim_env("send-before-persist"), tmp_path / "victim.log"
+                )
+                await victim.expect("ready")
+                proposed = rec.arm(lambda m: isinstance(m, Propose))
+                assert victim.proc.stdin is not None
+                await victim.proc.stdin.send_all(b"go 6\n")
+                with trio.fail_after(20):
+                    await proposed.wait()
+                await victim.kill()  # its flusher is still in the 20 ms before the fsync
+                try:
+                    check_store(store_path, victim_key, rec)
+                except AssertionError as exc:
+                    caught = str(exc)
+                    break
+        finally:
+            Victim.kill_all()
     assert caught is not None, "a party that sends before persisting went unnoticed"
     assert "not in the store" in caught or "different" in caught, caught
