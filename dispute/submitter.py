@@ -163,6 +163,16 @@ def _already_known(exc: ChainError) -> bool:
     return "already known" in text or "already imported" in text or "known transaction" in text
 
 
+def _price_refused(exc: ChainError) -> bool:
+    """The node refused a transaction for its fees (underpriced replacement, max fee
+    below the base fee, below the pool's minimum)."""
+    text = str(exc).lower()
+    return any(
+        s in text
+        for s in ("underpriced", "less than block base fee", "fee cap", "max fee per gas less")
+    )
+
+
 # ----------------------------------------------------------------- the submitter
 
 
@@ -287,6 +297,7 @@ class Submitter:
         with trio.CancelScope() as backstop:
             try:
                 track = await self._send(intent, gas, head, started_at, None, "send")
+                # None: the node refused it for its price; retried at the next head
                 while True:
                     if intent.deadline is not None:
                         backstop.deadline = (
@@ -308,9 +319,14 @@ class Submitter:
         )
 
     async def _step(
-        self, intent: Intent, gas: int, head: Block, started_at: int, track: _Track
-    ) -> tuple[TxOutcome | StoodDown | None, _Track]:
+        self, intent: Intent, gas: int, head: Block, started_at: int, track: _Track | None
+    ) -> tuple[TxOutcome | StoodDown | None, _Track | None]:
         """One block's worth of tracking; returns an outcome when the intent is done."""
+        if track is None:
+            self._check_deadline(intent, head, None)
+            if not await intent.still_needed():
+                return StoodDown(key=intent.key, reason="chain holds it"), None
+            return None, await self._send(intent, gas, head, started_at, None, "fresh-nonce")
         receipt = await self._canonical_receipt(track)
         if receipt is not None:
             if track.mined is None or track.mined.block_hash != receipt.block_hash:
@@ -330,13 +346,10 @@ class Submitter:
             log.warning("%s: reorged out of #%d; re-sending", intent.name, track.mined.block_number)
             track.mined = None
 
-        if intent.deadline is not None and head.timestamp + self.margin >= intent.deadline:
+        if self._too_late(intent, head):
             if not await intent.still_needed():
                 return StoodDown(key=intent.key, reason="window over; chain holds it"), track
-            raise DeadlineMissed(
-                f"{intent.name}: not mined by the deadline {intent.deadline} "
-                f"(head #{head.number} at {head.timestamp}, nonce {track.nonce})"
-            )
+            self._check_deadline(intent, head, track.nonce)
 
         latest = await self.backend.nonce(self.address, "latest")
         if latest > track.nonce:
@@ -347,8 +360,7 @@ class Submitter:
             self.nonces.release(track.nonce, intent.key)
             if not await intent.still_needed():
                 return StoodDown(key=intent.key, reason="nonce taken; chain holds it"), track
-            new = await self._send(intent, gas, head, started_at, None, "fresh-nonce")
-            return None, new
+            return None, await self._send(intent, gas, head, started_at, None, "fresh-nonce")
 
         last = track.sent[-1]
         wanted = self.schedule.fees(
@@ -375,6 +387,17 @@ class Submitter:
 
     # -------------------------------------------------------------- helpers
 
+    def _too_late(self, intent: Intent, head: Block) -> bool:
+        return intent.deadline is not None and head.timestamp + self.margin >= intent.deadline
+
+    def _check_deadline(self, intent: Intent, head: Block, nonce: int | None) -> None:
+        """Raise ``DeadlineMissed`` when no block we can still reach is before the deadline."""
+        if self._too_late(intent, head):
+            raise DeadlineMissed(
+                f"{intent.name}: not mined by the deadline {intent.deadline} "
+                f"(head #{head.number} at {head.timestamp}, nonce {nonce})"
+            )
+
     async def _send(
         self,
         intent: Intent,
@@ -383,9 +406,10 @@ class Submitter:
         started_at: int,
         track: _Track | None,
         kind: AttemptKind,
-    ) -> _Track:
+    ) -> _Track | None:
         """Send a new transaction: on a fresh nonce (``track`` None) or replacing
-        ``track``'s latest one with higher fees.  Returns the (new) track."""
+        ``track``'s latest one with higher fees.  Returns the (new) track, or None when
+        the node refused a fresh transaction for its price (retried at the next head)."""
         wanted = self.schedule.fees(
             now=head.timestamp,
             deadline=intent.deadline,
@@ -406,7 +430,13 @@ class Submitter:
             return sign(params, self._key)
 
         if track is None:
-            tx = await self.nonces.send_new(intent.key, lambda n: build(n, wanted))
+            try:
+                tx = await self.nonces.send_new(intent.key, lambda n: build(n, wanted))
+            except ChainError as exc:
+                if not _price_refused(exc):
+                    raise
+                log.warning("%s: refused for its price (%s); next head retries", intent.name, exc)
+                return None
             self._record(intent, kind, tx, head)
             return _Track(nonce=tx.params.nonce, sent=[tx], sent_head=head.number)
 
@@ -429,7 +459,7 @@ class Submitter:
         except ChainError as exc:
             if _already_known(exc):
                 return True
-            if _nonce_too_low(exc) or "underpriced" in str(exc).lower():
+            if _nonce_too_low(exc) or _price_refused(exc):
                 log.info("%s: %s refused (%s); next block decides", intent.name, kind, exc)
                 return False
             raise

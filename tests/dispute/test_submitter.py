@@ -1,0 +1,391 @@
+"""The deadline-aware submitter against a real anvil: a stale claim on the real Adjudicator
+is refuted through ``dispute.submitter.Submitter`` while the test spikes the base fee,
+reorgs the refute out, races another refuter, or lets the window run out.
+
+Each test gets its own anvil (they switch automine off and set base fees).  Setup goes
+through the web3 helpers; everything the submitter does goes through
+``dispute.rpc.JsonRpcBackend``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import attrs
+import pytest
+import trio
+from adjudicator_helpers import ETH, connect, deploy_adjudicator, fund, make_state, new_params
+from adjudicator_helpers import sign as sign_both
+from web3 import Web3
+
+from channel.chain import Claimed, Dispute, Refuted, TxOutcome
+from channel.eip712 import state_digest, state_struct_hash
+from channel.errors import Reverted
+from channel.keys import Signer
+from channel.state import Params, SignedState
+from dispute.abi import decode_event, event_topic, params_arg, refute_calldata, state_arg
+from dispute.anvil import Anvil, run_anvil
+from dispute.devnode import DevNodeControl
+from dispute.rpc import JsonRpcBackend
+from dispute.submitter import DeadlineMissed, Intent, StoodDown, Submitter
+
+E = 10**18
+GWEI = 10**9
+DURATION = 3600
+POLL = 0.05
+
+pytestmark = pytest.mark.chain
+
+
+@attrs.frozen(kw_only=True)
+class World:
+    """A funded channel with a stale claim (v1) registered; we hold v2 and v3."""
+
+    node: Anvil
+    w3: Web3
+    adjudicator: bytes
+    params: Params
+    signers: tuple[Signer, Signer]
+    claimed: Dispute
+    tower: Signer
+
+    def signed(self, version: int) -> SignedState:
+        share = E // 2 + version
+        state = make_state(self.params, version, [(ETH, share, E - share)])
+        digest = state_digest(self.params, state)
+        a, b = self.signers
+        return SignedState(state=state, signatures=(a.sign(digest), b.sign(digest)))
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    with run_anvil() as node:
+        w3 = connect(node.url)
+        adj = deploy_adjudicator(w3)
+        signers = (Signer.generate(), Signer.generate())
+        for s in signers:
+            fund(w3, s.address)
+        tower = Signer.generate()
+        fund(w3, tower.address, 100 * E)
+        params = new_params(adj, signers, duration=DURATION)
+        funder = w3.eth.accounts[1]
+        tx = adj.functions.depositEthToChannel(params.channel_id).transact(
+            {"from": funder, "value": E}
+        )
+        w3.eth.wait_for_transaction_receipt(tx)
+        stale = make_state(params, 1, [(ETH, E, 0)])
+        tx = adj.functions.claim(
+            params_arg(params), state_arg(stale), sign_both(params, stale, signers)
+        ).transact({"from": funder})
+        receipt = w3.eth.wait_for_transaction_receipt(tx)
+        deadline = int(w3.eth.get_block(receipt["blockNumber"])["timestamp"]) + DURATION
+        claimed = Dispute(state_hash=state_struct_hash(stale), version=1, deadline=deadline)
+        yield World(
+            node=node,
+            w3=w3,
+            adjudicator=bytes.fromhex(adj.address[2:]),
+            params=params,
+            signers=signers,
+            claimed=claimed,
+            tower=tower,
+        )
+
+
+@pytest.fixture
+async def backend(world: World) -> AsyncIterator[JsonRpcBackend]:
+    async with JsonRpcBackend(world.node.url) as b:
+        yield b
+
+
+@pytest.fixture
+async def dev(world: World) -> AsyncIterator[DevNodeControl]:
+    async with DevNodeControl(world.node.url) as d:
+        yield d
+
+
+async def registered(backend: JsonRpcBackend, world: World) -> Dispute:
+    """The dispute the chain holds now, rebuilt from Claimed/Refuted logs."""
+    head = await backend.block("latest")
+    logs = await backend.logs(
+        address=world.adjudicator,
+        from_block=0,
+        to_block=head.number,
+        topics=[[event_topic("Claimed"), event_topic("Refuted")], world.params.channel_id],
+    )
+    found = world.claimed
+    for log in logs:
+        ev = decode_event(log)
+        if isinstance(ev, Claimed | Refuted):
+            found = ev.dispute
+    return found
+
+
+def refute_intent(
+    world: World, backend: JsonRpcBackend, signed: SignedState, against: Dispute | None = None
+) -> Intent:
+    version = signed.state.version
+
+    async def still_needed() -> bool:
+        return (await registered(backend, world)).version < version
+
+    return Intent(
+        key=(world.params.channel_id, version, "refute"),
+        to=world.adjudicator,
+        data=refute_calldata(world.params, against or world.claimed, signed),
+        deadline=world.claimed.deadline,
+        still_needed=still_needed,
+        label=f"refute v{version}",
+    )
+
+
+def submitter(world: World, backend: JsonRpcBackend, **kw: int) -> Submitter:
+    return Submitter(backend, world.tower, chain_id=world.node.chain_id, poll_interval=POLL, **kw)
+
+
+async def mine_forever(dev: DevNodeControl, step: int = 0, every: float = 0.1) -> None:
+    while True:
+        if step:
+            await dev.increase_time(step)
+        await dev.mine()
+        await trio.sleep(every)
+
+
+async def wait_pending(dev: DevNodeControl) -> None:
+    while await dev.pending_count() == 0:
+        await trio.sleep(0.02)
+
+
+async def block_time(backend: JsonRpcBackend, number: int) -> int:
+    return (await backend.block(number)).timestamp
+
+
+# ----------------------------------------------------------------- tests
+
+
+async def test_dry_run_revert_raises_and_sends_nothing(
+    world: World, backend: JsonRpcBackend
+) -> None:
+    """A refute the contract would reject (signatures in the wrong order) raises Reverted
+    naming the custom error from the eth_call dry run, and no transaction is sent."""
+    good = world.signed(2)
+    bad = attrs.evolve(good, signatures=(good.signatures[1], good.signatures[0]))
+    sub = submitter(world, backend, confirmations=1)
+    with trio.fail_after(20), pytest.raises(Reverted, match="BadSignature"):
+        await sub.submit(refute_intent(world, backend, bad))
+    assert await backend.nonce(world.tower.address, "pending") == 0
+    assert sub.attempts((world.params.channel_id, 2, "refute")) == ()
+
+
+async def test_submit_lands_and_confirms(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """A stale claim is refuted before the window ends: the outcome is a successful,
+    confirmed transaction and the chain then holds our newer version."""
+    sub = submitter(world, backend, confirmations=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mine_forever, dev)
+        with trio.fail_after(30):
+            out = await sub.submit(refute_intent(world, backend, world.signed(2)))
+        nursery.cancel_scope.cancel()
+    assert isinstance(out, TxOutcome) and out.success
+    assert (await registered(backend, world)).version == 2
+    assert await block_time(backend, out.block_number) < world.claimed.deadline
+    head = await backend.block("latest")
+    assert head.number - out.block_number + 1 >= 2
+
+
+async def test_same_key_twice_sends_one_transaction(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """Idempotency by (channel, version): two concurrent submits with one key share one
+    transaction and one outcome; a third after success returns the recorded outcome."""
+    sub = submitter(world, backend, confirmations=2)
+    intent = refute_intent(world, backend, world.signed(2))
+    outs: list[TxOutcome | StoodDown] = []
+
+    async def go() -> None:
+        outs.append(await sub.submit(intent))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mine_forever, dev)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(go)
+                inner.start_soon(go)
+        nursery.cancel_scope.cancel()
+    assert len(outs) == 2 and outs[0] == outs[1]
+    assert isinstance(outs[0], TxOutcome) and outs[0].success
+    assert len(sub.attempts(intent.key)) == 1
+    assert await backend.nonce(world.tower.address, "latest") == 1
+    assert await sub.submit(intent) == outs[0]
+    assert await backend.nonce(world.tower.address, "pending") == 1
+
+
+async def test_gas_price_spike_replaces_and_lands_before_deadline(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """A gas price spike during the window: blocks mined at 100 and then 1,000 gwei base
+    fee price out our refute twice; the submitter replaces it (same nonce, higher fees)
+    each time and the refute still lands before the deadline."""
+    await dev.set_automine(False)
+    sub = submitter(world, backend, confirmations=2)
+    intent = refute_intent(world, backend, world.signed(2))
+
+    async def spiky_miner() -> None:
+        for base_fee in (100 * GWEI, 1000 * GWEI):
+            await wait_pending(dev)
+            await dev.set_next_block_base_fee(base_fee)
+            await dev.increase_time(60)
+            await dev.mine()
+            # the priced-out transaction is not in the spike block
+            assert (await registered(backend, world)).version == 1
+            await trio.sleep(0.2)  # let the submitter see the spike block first
+        await mine_forever(dev, step=60)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spiky_miner)
+        with trio.fail_after(40):
+            out = await sub.submit(intent)
+        nursery.cancel_scope.cancel()
+
+    assert isinstance(out, TxOutcome) and out.success
+    attempts = sub.attempts(intent.key)
+    assert len(attempts) >= 3, attempts
+    assert len({a.nonce for a in attempts}) == 1
+    assert attempts[-1].fees.max_fee_per_gas > 1000 * GWEI
+    fees = [a.fees.max_fee_per_gas for a in attempts]
+    assert fees == sorted(fees)
+    assert out.tx_hash == attempts[-1].tx_hash
+    assert (await registered(backend, world)).version == 2
+    assert await block_time(backend, out.block_number) < world.claimed.deadline
+
+
+async def test_reorg_dropping_the_refute_is_resent_and_lands(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """A reorg that drops our refutation after it was mined: the submitter notices the
+    receipt is gone, re-sends it, and it lands on the new canonical chain."""
+    sub = submitter(world, backend, confirmations=3)
+    intent = refute_intent(world, backend, world.signed(2))
+    out: list[TxOutcome | StoodDown] = []
+
+    async def run() -> None:
+        out.append(await sub.submit(intent))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        with trio.fail_after(30):
+            while not sub.attempts(intent.key):
+                await trio.sleep(0.02)
+            first = sub.attempts(intent.key)[0].tx_hash
+            while (receipt := await backend.receipt(first)) is None:
+                await trio.sleep(0.02)
+            await trio.sleep(4 * POLL)  # the submitter sees it mined, one confirmation
+            head = await backend.block("latest")
+            await dev.reorg(head.number - receipt.block_number + 1)
+            assert await backend.receipt(first) is None
+            assert (await registered(backend, world)).version == 1
+            nursery.start_soon(mine_forever, dev)
+            while not out:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+    result = out[0]
+    assert isinstance(result, TxOutcome) and result.success
+    kinds = [a.kind for a in sub.attempts(intent.key)]
+    assert kinds[0] == "send" and len(kinds) >= 2, kinds
+    final = await backend.receipt(result.tx_hash)
+    assert final is not None and final.block_hash != receipt.block_hash
+    assert (await backend.block(final.block_number)).hash == final.block_hash
+    assert (await registered(backend, world)).version == 2
+    assert await block_time(backend, result.block_number) < world.claimed.deadline
+
+
+async def test_stands_down_when_chain_already_holds_newer_state(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """When someone else (the counterparty, a watchtower) already refuted with an equal
+    or newer state, the submitter stands down and sends nothing."""
+    other = world.signed(3)
+    w3 = world.w3
+    tx = w3.eth.send_transaction(
+        {
+            "from": w3.eth.accounts[2],
+            "to": Web3.to_checksum_address(world.adjudicator),
+            "data": refute_calldata(world.params, world.claimed, other),
+        }
+    )
+    assert w3.eth.wait_for_transaction_receipt(tx)["status"] == 1
+    sub = submitter(world, backend, confirmations=1)
+    for version in (2, 3):
+        with trio.fail_after(20):
+            out = await sub.submit(refute_intent(world, backend, world.signed(version)))
+        assert isinstance(out, StoodDown)
+    assert await backend.nonce(world.tower.address, "pending") == 0
+
+
+async def test_stands_down_when_outrun_while_pending(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """If another refuter's newer state is mined first while ours is pending, our refute
+    reverts on chain and the submitter reports a stand-down, not a failure."""
+    await dev.set_automine(False)
+    sub = submitter(world, backend, confirmations=1)
+    intent = refute_intent(world, backend, world.signed(2))
+    out: list[TxOutcome | StoodDown] = []
+
+    async def run() -> None:
+        out.append(await sub.submit(intent))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        with trio.fail_after(30):
+            await wait_pending(dev)
+            # the rival pays far more priority, so it goes first in the block
+            rival = Signer.generate()
+            await dev.fund(rival.address, E)
+            from dispute.policy import Fees
+            from dispute.tx import TxParams, sign
+
+            signed_rival = sign(
+                TxParams(
+                    chain_id=world.node.chain_id,
+                    nonce=0,
+                    gas=300_000,
+                    fees=Fees(1000 * GWEI, 500 * GWEI),
+                    to=world.adjudicator,
+                    data=refute_calldata(world.params, world.claimed, world.signed(3)),
+                ),
+                rival,
+            )
+            await backend.send_raw_transaction(signed_rival.raw)
+            nursery.start_soon(mine_forever, dev)
+            while not out:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert isinstance(out[0], StoodDown)
+    assert (await registered(backend, world)).version == 3
+
+
+async def test_deadline_passing_unmined_raises_funds_at_risk(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """If no block includes our refute before the deadline (here: blocks keep arriving
+    but base fees stay above the fee cap), DeadlineMissed — a FundsAtRiskError — is raised."""
+    await dev.set_automine(False)
+    sub = submitter(world, backend, confirmations=1, max_fee_cap=50 * GWEI)
+
+    async def hostile_miner() -> None:
+        await wait_pending(dev)
+        while True:
+            await dev.set_next_block_base_fee(100 * GWEI)
+            await dev.increase_time(DURATION // 4)
+            await dev.mine()
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hostile_miner)
+        with trio.fail_after(30), pytest.raises(DeadlineMissed):
+            await sub.submit(refute_intent(world, backend, world.signed(2)))
+        nursery.cancel_scope.cancel()
+    assert (await registered(backend, world)).version == 1
