@@ -11,7 +11,8 @@ connection level (``Open``, ``Propose``, ``Accept``, ``Sync``), before its own
 machine looks at it.  What the victim put on the wire is therefore known without
 trusting the victim's own account of it.
 
-Set ``CRASH_SEED`` to replay a run; the seed is printed on failure.
+Set ``CRASH_SEED`` to replay the same kill plan (phases and delays); the seed is
+printed on failure.  Run with ``-s`` to see one line per kill.
 """
 
 from __future__ import annotations
@@ -369,7 +370,7 @@ def _survivor_view(client: Client, cid: bytes) -> tuple[int | None, str | None, 
 
 async def check_converged(victim: Victim, surv: Client, cid: bytes) -> int:
     """Check (2): with both sides quiet, both hold the same latest co-signed state and
-    nothing is in flight, within 10 s of the victim's restart."""
+    nothing is in flight, within 10 s (polled)."""
     with trio.move_on_after(10):
         while True:
             v = await victim.ask("latest", "latest")
@@ -596,4 +597,5 @@ async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: P
         finally:
             Victim.kill_all()
     assert caught is not None, "a party that sends before persisting went unnoticed"
+    print(f"caught: {caught.splitlines()[0]}")
     assert "not in the store" in caught or "different" in caught, caught
