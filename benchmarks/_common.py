@@ -136,3 +136,15 @@ def run_trio(fn: Callable[..., Any], *args: Any) -> Any:
     import trio
 
     return trio.run(fn, *args)
+
+
+def wait_result(conn: Any, proc: Any, timeout: float, what: str) -> Any:
+    """Receive from ``conn``; fail fast if ``proc`` dies first."""
+    deadline = time.monotonic() + timeout
+    while not conn.poll(0.5):
+        if not proc.is_alive():
+            raise RuntimeError(f"{what} exited with code {proc.exitcode} before reporting")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise RuntimeError(f"{what} did not report within {timeout}s")
+    return conn.recv()

@@ -41,6 +41,7 @@ from _common import (
     log,
     machine_info,
     run_trio,
+    wait_result,
 )
 
 ETH = BALANCES[0][0]
@@ -235,9 +236,11 @@ def main() -> None:
             ),
         )
         maker.start()
-        if not m_parent.poll(600):
-            raise RuntimeError("the maker did not finish")
-        r: dict[str, Any] = m_parent.recv()
+        try:
+            r: dict[str, Any] = wait_result(m_parent, maker, 600, "the maker")
+        except BaseException:
+            peers.terminate()
+            raise
         maker.join(30)
         peers.join(30)
         for p in (maker, peers):

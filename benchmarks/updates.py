@@ -48,6 +48,7 @@ from _common import (
     machine_info,
     percentile,
     run_trio,
+    wait_result,
 )
 
 ETH = BALANCES[0][0]
@@ -106,6 +107,7 @@ def alice_main(
     import trio
 
     from channel.client import open_client
+    from channel.errors import PeerTimeout
     from channel.keys import Signer
     from channel.transport import PeerAddress
 
@@ -145,9 +147,15 @@ def alice_main(
             per_caller = -(-n_pipe // CALLERS)
             t0 = time.perf_counter()
 
+            timeouts = 0
+
             async def caller(n: int) -> None:
+                nonlocal timeouts
                 for _ in range(n):
-                    await alice.pay(cid, ETH, 1)
+                    try:
+                        await alice.pay(cid, ETH, 1)
+                    except PeerTimeout:
+                        timeouts += 1  # waited > update_timeout for window space
 
             async with trio.open_nursery() as nursery:
                 for _ in range(CALLERS):
@@ -156,7 +164,8 @@ def alice_main(
             a1, b1 = snap_both()
             prof.off()
             out["pipelined"] = {
-                "updates": per_caller * CALLERS,
+                "updates": per_caller * CALLERS - timeouts,
+                "timeouts": timeouts,
                 "seconds": elapsed,
                 "alice": delta(a1, a0),
                 "bob": delta(b1, b0),
@@ -251,9 +260,11 @@ def run_channel(n_pipe: int, n_lock: int, profile_dir: str | None) -> dict[str, 
             ),
         )
         alice.start()
-        if not alice_parent.poll(600):
-            raise RuntimeError("alice did not finish")
-        result: dict[str, Any] = alice_parent.recv()
+        try:
+            result: dict[str, Any] = wait_result(alice_parent, alice, 600, "alice")
+        except BaseException:
+            bob.terminate()
+            raise
         alice.join(30)
         bob.join(30)
         for p in (alice, bob):
@@ -471,9 +482,11 @@ def run_bare(n_pipe: int, n_lock: int) -> dict[str, Any]:
         args=(a.secret_bytes(), b.address, port, n_pipe, n_lock, p_child, ctl_p),
     )
     prop.start()
-    if not p_parent.poll(300):
-        raise RuntimeError("bare proposer did not finish")
-    result: dict[str, Any] = p_parent.recv()
+    try:
+        result: dict[str, Any] = wait_result(p_parent, prop, 300, "bare proposer")
+    except BaseException:
+        resp.terminate()
+        raise
     ctl_p.send("stop")
     prop.join(30)
     resp.join(30)
@@ -528,6 +541,7 @@ def main() -> None:
         "all_at_once_updates": ch["all_at_once"]["updates"],
         "all_at_once_error": ch["all_at_once"]["error"],
         "pipelined_callers": CALLERS,
+        "pipelined_peer_timeouts": pipe["timeouts"],
         "updates_per_s_lockstep": round(lock["updates"] / lock["seconds"], 1),
         "p50_ms_lockstep": round(percentile(lat_ms, 50), 3),
         "p99_ms_lockstep": round(percentile(lat_ms, 99), 3),
