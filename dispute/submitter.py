@@ -380,9 +380,7 @@ class Submitter:
             await self._broadcast(intent, last, head, "rebroadcast")
             track.sent_head = head.number
         elif needs_more:
-            await self._send(
-                intent, gas, head, started_at, track, "replace" if known else "rebroadcast"
-            )
+            await self._send(intent, gas, head, started_at, track, "replace")
         return None, track
 
     # -------------------------------------------------------------- helpers

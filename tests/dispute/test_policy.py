@@ -251,7 +251,7 @@ def test_policy_module_is_pure() -> None:
     import dispute.policy
 
     tree = ast.parse(Path(dispute.policy.__file__).read_text())
-    mods = set()
+    mods: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             mods.update(a.name.split(".")[0] for a in node.names)

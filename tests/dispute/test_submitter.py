@@ -9,7 +9,7 @@ through the web3 helpers; everything the submitter does goes through
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import attrs
 import pytest
@@ -26,8 +26,10 @@ from channel.state import Params, SignedState
 from dispute.abi import decode_event, event_topic, params_arg, refute_calldata, state_arg
 from dispute.anvil import Anvil, run_anvil
 from dispute.devnode import DevNodeControl
+from dispute.policy import Fees
 from dispute.rpc import JsonRpcBackend
 from dispute.submitter import DeadlineMissed, Intent, StoodDown, Submitter
+from dispute.tx import TxParams, sign
 
 E = 10**18
 GWEI = 10**9
@@ -68,9 +70,9 @@ def world() -> Iterator[World]:
         tower = Signer.generate()
         fund(w3, tower.address, 100 * E)
         params = new_params(adj, signers, duration=DURATION)
-        funder = w3.eth.accounts[1]
+        funder = list(w3.eth.accounts)[1]
         tx = adj.functions.depositEthToChannel(params.channel_id).transact(
-            {"from": funder, "value": E}
+            {"from": funder, "value": E}  # type: ignore[arg-type]
         )
         w3.eth.wait_for_transaction_receipt(tx)
         stale = make_state(params, 1, [(ETH, E, 0)])
@@ -138,8 +140,17 @@ def refute_intent(
     )
 
 
-def submitter(world: World, backend: JsonRpcBackend, **kw: int) -> Submitter:
-    return Submitter(backend, world.tower, chain_id=world.node.chain_id, poll_interval=POLL, **kw)
+def submitter(
+    world: World, backend: JsonRpcBackend, *, confirmations: int, max_fee_cap: int | None = None
+) -> Submitter:
+    return Submitter(
+        backend,
+        world.tower,
+        chain_id=world.node.chain_id,
+        poll_interval=POLL,
+        confirmations=confirmations,
+        max_fee_cap=max_fee_cap,
+    )
 
 
 async def mine_forever(dev: DevNodeControl, step: int = 0, every: float = 0.1) -> None:
@@ -150,9 +161,31 @@ async def mine_forever(dev: DevNodeControl, step: int = 0, every: float = 0.1) -
         await trio.sleep(every)
 
 
-async def wait_pending(dev: DevNodeControl) -> None:
-    while await dev.pending_count() == 0:
+async def poll_node(check: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until ``check()`` (a question to the node, which has no push for it) is true."""
+    while True:
+        if await check():
+            return
         await trio.sleep(0.02)
+
+
+async def wait_pending(dev: DevNodeControl) -> None:
+    async def pending() -> bool:
+        return await dev.pending_count() > 0
+
+    await poll_node(pending)
+
+
+@attrs.define
+class Background:
+    """The result of ``sub.submit`` run in a background task, and an event when it is in."""
+
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: TxOutcome | StoodDown | None = None
+
+    async def run(self, sub: Submitter, intent: Intent) -> None:
+        self.result = await sub.submit(intent)
+        self.done.set()
 
 
 async def block_time(backend: JsonRpcBackend, number: int) -> int:
@@ -267,30 +300,30 @@ async def test_reorg_dropping_the_refute_is_resent_and_lands(
     receipt is gone, re-sends it, and it lands on the new canonical chain."""
     sub = submitter(world, backend, confirmations=3)
     intent = refute_intent(world, backend, world.signed(2))
-    out: list[TxOutcome | StoodDown] = []
+    bg = Background()
 
-    async def run() -> None:
-        out.append(await sub.submit(intent))
+    async def first_mined() -> bool:
+        return bool(sub.attempts(intent.key)) and (
+            await backend.receipt(sub.attempts(intent.key)[0].tx_hash) is not None
+        )
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run)
+        nursery.start_soon(bg.run, sub, intent)
         with trio.fail_after(30):
-            while not sub.attempts(intent.key):
-                await trio.sleep(0.02)
+            await poll_node(first_mined)
             first = sub.attempts(intent.key)[0].tx_hash
-            while (receipt := await backend.receipt(first)) is None:
-                await trio.sleep(0.02)
+            receipt = await backend.receipt(first)
+            assert receipt is not None
             await trio.sleep(4 * POLL)  # the submitter sees it mined, one confirmation
             head = await backend.block("latest")
             await dev.reorg(head.number - receipt.block_number + 1)
             assert await backend.receipt(first) is None
             assert (await registered(backend, world)).version == 1
             nursery.start_soon(mine_forever, dev)
-            while not out:
-                await trio.sleep(0.05)
+            await bg.done.wait()
         nursery.cancel_scope.cancel()
 
-    result = out[0]
+    result = bg.result
     assert isinstance(result, TxOutcome) and result.success
     kinds = [a.kind for a in sub.attempts(intent.key)]
     assert kinds[0] == "send" and len(kinds) >= 2, kinds
@@ -310,7 +343,7 @@ async def test_stands_down_when_chain_already_holds_newer_state(
     w3 = world.w3
     tx = w3.eth.send_transaction(
         {
-            "from": w3.eth.accounts[2],
+            "from": list(w3.eth.accounts)[2],
             "to": Web3.to_checksum_address(world.adjudicator),
             "data": refute_calldata(world.params, world.claimed, other),
         }
@@ -332,21 +365,15 @@ async def test_stands_down_when_outrun_while_pending(
     await dev.set_automine(False)
     sub = submitter(world, backend, confirmations=1)
     intent = refute_intent(world, backend, world.signed(2))
-    out: list[TxOutcome | StoodDown] = []
-
-    async def run() -> None:
-        out.append(await sub.submit(intent))
+    bg = Background()
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(run)
+        nursery.start_soon(bg.run, sub, intent)
         with trio.fail_after(30):
             await wait_pending(dev)
             # the rival pays far more priority, so it goes first in the block
             rival = Signer.generate()
             await dev.fund(rival.address, E)
-            from dispute.policy import Fees
-            from dispute.tx import TxParams, sign
-
             signed_rival = sign(
                 TxParams(
                     chain_id=world.node.chain_id,
@@ -360,10 +387,9 @@ async def test_stands_down_when_outrun_while_pending(
             )
             await backend.send_raw_transaction(signed_rival.raw)
             nursery.start_soon(mine_forever, dev)
-            while not out:
-                await trio.sleep(0.05)
+            await bg.done.wait()
         nursery.cancel_scope.cancel()
-    assert isinstance(out[0], StoodDown)
+    assert isinstance(bg.result, StoodDown)
     assert (await registered(backend, world)).version == 3
 
 
