@@ -208,8 +208,14 @@ class Client:
         """Connect to a peer (and keep reconnecting if the link drops); returns once up."""
         if address.node_id in self._peers:
             return
+        if address.node_id in self._dialing:
+            # A redial loop for this peer runs already: wait for it, never start a second.
+            with trio.fail_after(self.update_timeout):
+                await self.wait_connected(address.node_id)
+            return
         ready = trio.Event()
         assert self._nursery is not None
+        self._dialing.add(address.node_id)
         self._nursery.start_soon(self._dial_loop, address, ready)
         with trio.fail_after(self.update_timeout):
             await ready.wait()

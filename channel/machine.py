@@ -236,6 +236,9 @@ class ChannelMachine:
         self._sign = sign
         self.latest = latest
         self.max_signed = max_signed
+        #: The highest version the peer has shown us its signature on: our next proposal
+        #: goes above it too, or the peer would have to refuse it (rule S on its side).
+        self.peer_max_signed = 0
         self.pending: list[InFlight] = list(pending or [])
         self.policy = policy
         self.window = window
@@ -373,7 +376,7 @@ class ChannelMachine:
             raise LocalProtocolError("a final state is already in flight")
         if self.window_full():
             raise LocalProtocolError(f"pipeline window of {self.window} is full")
-        version = self.max_signed + 1
+        version = max(self.max_signed, self.peer_max_signed) + 1
         new = State(
             channel_id=self.params.channel_id,
             version=version,
@@ -422,6 +425,9 @@ class ChannelMachine:
         digest = state_digest(self.params, state)
         try:
             self._check_proposal(p, digest)
+        except ProposalConflict as err:
+            self._note_peer_version(p, digest)
+            return self._reject(state, digest, err)
         except ChannelError as err:
             return self._reject(state, digest, err)
         if self.policy is not None and self.latest is not None:
@@ -442,6 +448,16 @@ class ChannelMachine:
             ),
             NotifyReceived(signed=signed),
         ]
+
+    def _note_peer_version(self, p: Propose, digest: bytes) -> None:
+        """Remember a version the peer signed (if the signature is genuine)."""
+        if p.state.version <= self.peer_max_signed or p.state.channel_id != self.channel_id:
+            return
+        try:
+            verify(digest, p.signature, self.peer_address)
+        except InvalidSignature:
+            return
+        self.peer_max_signed = p.state.version
 
     def _check_proposal(self, p: Propose, digest: bytes) -> None:
         state = p.state
@@ -583,6 +599,11 @@ class ChannelMachine:
                     )
                 )
             ]
+        # The peer's own word on its highest signed version (a hint: bounded, so a peer
+        # cannot push our versions towards the uint64 limit).
+        base = -1 if self.latest is None else self.latest.state.version
+        if base >= 0:
+            self.peer_max_signed = max(self.peer_max_signed, min(s.max_signed, base + 1_000_000))
         for p in s.pending:
             if p.state.version > (-1 if self.latest is None else self.latest.state.version):
                 out.extend(self._on_propose(ReceivePropose(p)))
