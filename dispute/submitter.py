@@ -64,7 +64,9 @@ class Intent:
     """A transaction the caller needs mined: ``key`` makes it idempotent, e.g.
     ``(channel_id, version, "refute")``; ``deadline`` is chain time (unix seconds) by
     which it must be in a block, or None; ``still_needed`` returns False once the chain
-    makes the transaction pointless (it already holds an equal or newer state)."""
+    makes the transaction pointless (it already holds an equal or newer state);
+    ``started_at`` is when the window began (the claim's block time) — the fee schedule
+    escalates over ``started_at .. deadline``; None means when ``submit`` was called."""
 
     key: Hashable
     to: bytes = attrs.field(validator=attrs.validators.instance_of(bytes))
@@ -72,6 +74,7 @@ class Intent:
     value: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     deadline: int | None = None
     still_needed: StillNeeded = attrs.field(default=_always_needed, eq=False)
+    started_at: int | None = None
     label: str = ""
 
     @property
@@ -291,7 +294,7 @@ class Submitter:
             raise Reverted(f"{intent.name}: dry run reverted: {exc}", data=exc.data) from exc
         gas = estimate + math.ceil(estimate * self.gas_margin_permille / 1000)
         head = await self.backend.block("latest")
-        started_at = head.timestamp
+        started_at = head.timestamp if intent.started_at is None else intent.started_at
         track: _Track | None = None
 
         with trio.CancelScope() as backstop:

@@ -23,7 +23,14 @@ from channel.eip712 import state_digest, state_struct_hash
 from channel.errors import Reverted
 from channel.keys import Signer
 from channel.state import Params, SignedState
-from dispute.abi import decode_event, event_topic, params_arg, refute_calldata, state_arg
+from dispute.abi import (
+    decode_event,
+    deposit_eth_calldata,
+    event_topic,
+    params_arg,
+    refute_calldata,
+    state_arg,
+)
 from dispute.anvil import Anvil, run_anvil
 from dispute.devnode import DevNodeControl
 from dispute.policy import Fees
@@ -293,12 +300,15 @@ async def test_gas_price_spike_replaces_and_lands_before_deadline(
     assert await block_time(backend, out.block_number) < world.claimed.deadline
 
 
+@pytest.mark.parametrize("how", ["anvil_reorg", "snapshot_revert"])
 async def test_reorg_dropping_the_refute_is_resent_and_lands(
-    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl, how: str
 ) -> None:
-    """A reorg that drops our refutation after it was mined: the submitter notices the
-    receipt is gone, re-sends it, and it lands on the new canonical chain."""
+    """A reorg that drops our refutation after it was mined (``anvil_reorg`` replacing the
+    blocks from ours up, or a snapshot taken before and reverted after): the submitter
+    notices the receipt is gone, re-sends it, and it lands on the new canonical chain."""
     sub = submitter(world, backend, confirmations=3)
+    snapshot = await dev.snapshot()
     intent = refute_intent(world, backend, world.signed(2))
     bg = Background()
 
@@ -316,7 +326,10 @@ async def test_reorg_dropping_the_refute_is_resent_and_lands(
             assert receipt is not None
             await trio.sleep(4 * POLL)  # the submitter sees it mined, one confirmation
             head = await backend.block("latest")
-            await dev.reorg(head.number - receipt.block_number + 1)
+            if how == "anvil_reorg":
+                await dev.reorg(head.number - receipt.block_number + 1)
+            else:
+                assert await dev.revert(snapshot)
             assert await backend.receipt(first) is None
             assert (await registered(backend, world)).version == 1
             nursery.start_soon(mine_forever, dev)
@@ -415,3 +428,60 @@ async def test_deadline_passing_unmined_raises_funds_at_risk(
             await sub.submit(refute_intent(world, backend, world.signed(2)))
         nursery.cancel_scope.cancel()
     assert (await registered(backend, world)).version == 1
+
+
+async def test_intents_from_one_key_get_distinct_nonces(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """The nonce manager never hands one nonce to two intents: four concurrent deposits
+    from one key (a transaction sent behind its back first) all land, on four nonces."""
+    # someone else uses the key first: the manager must skip nonce 0
+    external = sign(
+        TxParams(
+            chain_id=world.node.chain_id,
+            nonce=0,
+            gas=21_000,
+            fees=Fees(100 * GWEI, GWEI),
+            to=b"\x42" * 20,
+        ),
+        world.tower,
+    )
+    await backend.send_raw_transaction(external.raw)
+    sub = submitter(world, backend, confirmations=1)
+    data = deposit_eth_calldata(world.params.channel_id)
+    intents = [
+        Intent(key=("deposit", i), to=world.adjudicator, data=data, value=1000 + i)
+        for i in range(4)
+    ]
+    outs: list[TxOutcome | StoodDown] = []
+
+    async def go(intent: Intent) -> None:
+        outs.append(await sub.submit(intent))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mine_forever, dev)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as inner:
+                for intent in intents:
+                    inner.start_soon(go, intent)
+        nursery.cancel_scope.cancel()
+    assert all(isinstance(o, TxOutcome) and o.success for o in outs)
+    nonces = sorted(a.nonce for i in intents for a in sub.attempts(i.key))
+    assert nonces == [1, 2, 3, 4]
+    assert sub.nonces.owned == {}
+
+
+async def test_node_that_stops_mining_hits_the_deadline_scope(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """When the node produces no block at all, the wall-clock cancel scope (armed from the
+    head to the deadline) ends the wait with DeadlineMissed instead of hanging."""
+    await dev.set_next_block_timestamp(world.claimed.deadline - 3)
+    await dev.mine()
+    await dev.set_automine(False)
+    sub = submitter(world, backend, confirmations=1)
+    start = trio.current_time()
+    with trio.fail_after(20), pytest.raises(DeadlineMissed, match="no block before"):
+        await sub.submit(refute_intent(world, backend, world.signed(2)))
+    assert trio.current_time() - start < 10
+    assert len(sub.attempts((world.params.channel_id, 2, "refute"))) == 1
