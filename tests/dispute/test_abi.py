@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from eth_abi.abi import encode
-from eth_utils import function_abi_to_4byte_selector
+from eth_utils.abi import function_abi_to_4byte_selector
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -200,7 +200,7 @@ def test_calldata_with_invalid_state_raises_chain_error() -> None:
     """Well-formed ABI carrying a state channel would reject (no allocations) is a
     ChainError, not a ValueError from the value's validators."""
     p_arg = (1, b"\x01" * 20, b"\x02" * 20, b"\x03" * 20, b"\0" * 32, 10, b"\0" * 20)
-    s_arg = (b"\0" * 32, 1, [], b"", False)
+    s_arg: tuple[Any, ...] = (b"\0" * 32, 1, [], b"", False)
     data = abi.encode_call("claim", [p_arg, s_arg, b"\0" * 130])
     with pytest.raises(ChainError):
         abi.decode_state_call(data)
