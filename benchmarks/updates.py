@@ -52,9 +52,7 @@ from _common import (
 )
 
 ETH = BALANCES[0][0]
-WINDOW = 64
-#: Concurrent pay() callers in the pipelined phase (4 x the window: it never runs dry).
-CALLERS = 4 * WINDOW
+WINDOW = 64  # channel.limits.PIPELINE_WINDOW; --window overrides it for experiments
 #: Cap on the all-at-once phase (each pay its own task).
 ALL_AT_ONCE_MAX = 5000
 WARMUP = 300
@@ -64,7 +62,9 @@ WARMUP = 300
 # the channel benchmark: two children running the real client
 
 
-def bob_main(secret: bytes, store_dir: str, parent: Any, ctl: Any, profile: str | None) -> None:
+def bob_main(
+    secret: bytes, store_dir: str, parent: Any, ctl: Any, profile: str | None, window: int
+) -> None:
     """The responder: serve, answer proposals, report counters on request."""
     import trio
 
@@ -76,7 +76,9 @@ def bob_main(secret: bytes, store_dir: str, parent: Any, ctl: Any, profile: str 
     prof = Profiler(profile)
 
     async def main() -> None:
-        async with open_client(Signer.from_bytes(secret), Path(store_dir) / "bob.sqlite") as bob:
+        async with open_client(
+            Signer.from_bytes(secret), Path(store_dir) / "bob.sqlite", window=window
+        ) as bob:
             parent.send(str(bob.peer_address()))
             while True:
                 cmd = await trio.to_thread.run_sync(ctl.recv)
@@ -102,6 +104,7 @@ def alice_main(
     parent: Any,
     ctl: Any,
     profile: str | None,
+    window: int,
 ) -> None:
     """The proposer: open the channel, run both phases, send results to the parent."""
     import trio
@@ -122,7 +125,7 @@ def alice_main(
     async def main() -> dict[str, Any]:
         out: dict[str, Any] = {}
         async with open_client(
-            Signer.from_bytes(secret), Path(store_dir) / "alice.sqlite"
+            Signer.from_bytes(secret), Path(store_dir) / "alice.sqlite", window=window
         ) as alice:
             cid = await alice.open_channel(
                 PeerAddress.parse(bob_addr),
@@ -138,13 +141,14 @@ def alice_main(
             for _ in range(WARMUP // 3):
                 await alice.pay(cid, ETH, 1)
 
-            # (a) pipelined: N pays from CALLERS concurrent tasks, each awaiting its pays in
+            # (a) pipelined: N pays from 4 x window concurrent tasks, each awaiting its pays in
             # turn, so the window (64) is always full and a queue of callers waits behind it.
             ctl.send("prof_on")
             ctl.recv()
             prof.on()
             a0, b0 = snap_both()
-            per_caller = -(-n_pipe // CALLERS)
+            callers = 4 * window
+            per_caller = -(-n_pipe // callers)
             t0 = time.perf_counter()
 
             timeouts = 0
@@ -158,21 +162,21 @@ def alice_main(
                         timeouts += 1  # waited > update_timeout for window space
 
             async with trio.open_nursery() as nursery:
-                for _ in range(CALLERS):
+                for _ in range(callers):
                     nursery.start_soon(caller, per_caller)
             elapsed = time.perf_counter() - t0
             a1, b1 = snap_both()
             prof.off()
             out["pipelined"] = {
-                "updates": per_caller * CALLERS - timeouts,
+                "updates": per_caller * callers - timeouts,
                 "timeouts": timeouts,
                 "seconds": elapsed,
                 "alice": delta(a1, a0),
                 "bob": delta(b1, b0),
             }
             log(
-                f"  pipelined: {per_caller * CALLERS} pays from {CALLERS} callers in "
-                f"{elapsed:.2f}s = {per_caller * CALLERS / elapsed:,.0f}/s"
+                f"  pipelined: {per_caller * callers} pays from {callers} callers in "
+                f"{elapsed:.2f}s = {per_caller * callers / elapsed:,.0f}/s"
             )
 
             # (b) lock-step
@@ -228,7 +232,9 @@ def alice_main(
     parent.send(result)
 
 
-def run_channel(n_pipe: int, n_lock: int, profile_dir: str | None) -> dict[str, Any]:
+def run_channel(
+    n_pipe: int, n_lock: int, profile_dir: str | None, window: int = WINDOW
+) -> dict[str, Any]:
     from channel.keys import Signer
 
     ctx = mp.get_context("spawn")
@@ -240,7 +246,7 @@ def run_channel(n_pipe: int, n_lock: int, profile_dir: str | None) -> dict[str, 
         prof = (lambda who: str(Path(profile_dir) / f"{who}.prof")) if profile_dir else None
         bob = ctx.Process(
             target=bob_main,
-            args=(bob_key.secret_bytes(), tmp, bob_child, ctl_bob, prof and prof("bob")),
+            args=(bob_key.secret_bytes(), tmp, bob_child, ctl_bob, prof and prof("bob"), window),
         )
         bob.start()
         if not bob_parent.poll(30):
@@ -257,6 +263,7 @@ def run_channel(n_pipe: int, n_lock: int, profile_dir: str | None) -> dict[str, 
                 alice_child,
                 ctl_alice,
                 prof and prof("alice"),
+                window,
             ),
         )
         alice.start()
@@ -503,6 +510,12 @@ def main() -> None:
     ap.add_argument("--lockstep", type=int, help="lock-step pays (default 2000, quick 1000)")
     ap.add_argument("--profile", metavar="DIR", help="write cProfile stats of both parties")
     ap.add_argument(
+        "--window",
+        type=int,
+        default=WINDOW,
+        help="pipeline window passed to open_client (experiments; default PIPELINE_WINDOW)",
+    )
+    ap.add_argument(
         "--no-bare", action="store_true", help="skip the bare baseline (for profiling runs)"
     )
     args = ap.parse_args()
@@ -519,7 +532,7 @@ def main() -> None:
     log(f"  bare pipelined {bare_rate:,.0f}/s")
 
     log(f"channel: {n_pipe} pipelined + {n_lock} lock-step durable encrypted updates")
-    ch = run_channel(n_pipe, n_lock, args.profile)
+    ch = run_channel(n_pipe, n_lock, args.profile, args.window)
     pipe, lock = ch["pipelined"], ch["lockstep"]
     rate_pipe = pipe["updates"] / pipe["seconds"]
     lat_ms = [x * 1000 for x in lock["latencies"]]
@@ -540,7 +553,7 @@ def main() -> None:
         ),
         "all_at_once_updates": ch["all_at_once"]["updates"],
         "all_at_once_error": ch["all_at_once"]["error"],
-        "pipelined_callers": CALLERS,
+        "pipelined_callers": 4 * args.window,
         "pipelined_peer_timeouts": pipe["timeouts"],
         "updates_per_s_lockstep": round(lock["updates"] / lock["seconds"], 1),
         "p50_ms_lockstep": round(percentile(lat_ms, 50), 3),
@@ -574,7 +587,7 @@ def main() -> None:
         },
         "pipelined_updates": n_pipe,
         "lockstep_updates": n_lock,
-        "window": WINDOW,
+        "window": args.window,
         "final_version": ch["final_version"],
         "seconds_total": round(time.perf_counter() - t_start, 1),
         "machine": machine_info(),
