@@ -35,7 +35,7 @@ from channel.chain import (
 )
 from channel.errors import ChainError, LocalProtocolError
 from channel.hashing import keccak
-from channel.state import Address, Allocation, Params, SignedState, State
+from channel.state import Address, Allocation, ChannelId, Params, SignedState, State
 from dispute.compile import load_artifact
 from dispute.eth import Log
 
@@ -190,8 +190,6 @@ def params_from_arg(t: Sequence[Any]) -> Params:
 
 
 def state_from_arg(t: Sequence[Any]) -> State:
-    from channel.state import ChannelId
-
     return State(
         channel_id=ChannelId(bytes(t[0])),
         version=int(t[1]),

@@ -108,7 +108,9 @@ class DevNodeControl:
         await self._req("anvil_setBalance", [hex_data(address), hex_quantity(wei)])
 
     async def fund(self, address: bytes, wei: int) -> None:
-        """Same as :meth:`set_balance` (the embedded backend's name)."""
+        """Set the balance to ``wei`` (anvil can; the embedded backend's ``fund`` transfers
+        ``wei`` from a prefunded account instead, so it adds).  For a fresh address both
+        leave it holding ``wei``."""
         await self.set_balance(address, wei)
 
     async def set_code(self, address: bytes, code: bytes) -> None:
