@@ -54,6 +54,10 @@ log = logging.getLogger("dispute.submitter")
 
 StillNeeded = Callable[[], Awaitable[bool]]
 
+BACKSTOP_GRACE = 2.0
+"""Seconds past the wall-clock estimate of the deadline before a silent node counts as
+having missed it (the estimate is from the head's timestamp, so it errs late anyway)."""
+
 
 async def _always_needed() -> bool:
     return True
@@ -302,12 +306,16 @@ class Submitter:
                 track = await self._send(intent, gas, head, started_at, None, "send")
                 # None: the node refused it for its price; retried at the next head
                 while True:
-                    if intent.deadline is not None:
+                    # Armed only while nothing is mined: confirmations may come after the
+                    # deadline.  The head's time lags the chain's, so this errs late.
+                    if intent.deadline is not None and (track is None or track.mined is None):
                         backstop.deadline = (
                             trio.current_time()
                             + max(intent.deadline - head.timestamp, 0)
-                            + 10 * self.poll_interval
+                            + max(10 * self.poll_interval, BACKSTOP_GRACE)
                         )
+                    else:
+                        backstop.deadline = math.inf
                     head = await self._wait_new_head(head)
                     outcome, track = await self._step(intent, gas, head, started_at, track)
                     if outcome is not None:
