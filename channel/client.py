@@ -41,6 +41,7 @@ from channel.errors import (
     DecodeError,
     LocalProtocolError,
     PeerTimeout,
+    ProposalConflict,
     RemoteProtocolError,
     TransportError,
     UnknownPeer,
@@ -501,6 +502,11 @@ class Client:
                 ch.incoming.set()
         elif isinstance(note, NotifyProtocolError):
             log.info("refused from peer: %s", note.error)
+            if isinstance(note.error, ProposalConflict):
+                ch = self._channels.get(note.channel_id)
+                if ch is not None:
+                    # The peer wants a turn: hold our next proposals briefly (see update()).
+                    ch.conflict_at = trio.current_time()
 
     def _wake_channel(self, note: NotifyAccepted | NotifyRejected) -> None:
         for ch in self._channels.values():

@@ -32,12 +32,17 @@ Accept (responder): a proposal is accepted iff
   The responder then countersigns, ``PersistLatest``, and sends ``Accept``.
   Anything else is answered with ``Reject`` and leaves the state unchanged.
 
-Conflict: when both parties propose at once, each rejects the other's
-  proposal (rule 3), both versions are burned, and both callers are told the
-  update is retryable.  The party with the lower address retries at once; the
-  other yields (``should_yield``) until it has accepted a proposal from the
-  peer or a short back-off passes — so a conflict costs one round trip and
-  cannot livelock.
+Conflict: when both parties propose at once, the party with the lower address wins.
+  The winner refuses the crossing proposal (rule 3, ``ProposalConflict``) and keeps its
+  own in flight.  The loser (``should_yield``) accepts the winner's proposal instead of
+  refusing it — dropping its own in-flight proposals, which the client retries — when
+  that is safe: the proposal builds on the loser's latest state and its version is above
+  everything the loser signed (rule S).  If the versions collide (the winner had not yet
+  seen the loser's), the loser must refuse and both proposals are burned; the winner
+  learns the loser's versions from the crossing proposal (``peer_max_signed``) and its
+  retry, numbered above them, is then accepted.  The client adds turn-taking (the loser
+  retries after a gap in the winner's proposals; the winner holds briefly after a
+  conflict so the loser gets its turn).
 
 Reconnect: each side sends ``Sync`` (latest co-signed, ``max_signed``, its
   half-signed proposals).  A newer co-signed state from the peer is checked
@@ -192,6 +197,7 @@ class NotifyProtocolError:
     """The peer sent something we refused; state is unchanged."""
 
     error: ChannelError
+    channel_id: bytes = b""
 
 
 Output: TypeAlias = (
@@ -416,7 +422,7 @@ class ChannelMachine:
                     reason=reason,
                 )
             ),
-            NotifyProtocolError(error=err),
+            NotifyProtocolError(error=err, channel_id=self.params.channel_id),
         ]
 
     def _on_propose(self, ev: ReceivePropose) -> list[Output]:
@@ -434,6 +440,9 @@ class ChannelMachine:
             reason = self.policy(self.params, self.latest.state, state)
             if reason is not None:
                 return self._reject(state, digest, UpdateRejected(reason, reason=reason))
+        out: list[Output] = []
+        if self.pending:  # we yield: our crossing proposals are dead, theirs wins
+            out = self._drop_from(0, f"{REASON_CONFLICT}: the peer's proposal won", True)
         my_sig = self._sign(digest)
         sigs: list[bytes | None] = [None, None]
         sigs[self.me] = my_sig
@@ -442,12 +451,24 @@ class ChannelMachine:
         self.latest = signed
         self.max_signed = state.version
         return [
+            *out,
             PersistLatest(params=self.params, signed=signed),
             SendMessage(
                 Accept(channel_id=self.params.channel_id, version=state.version, signature=my_sig)
             ),
             NotifyReceived(signed=signed),
         ]
+
+    def _yields_to(self, p: Propose) -> bool:
+        """Whether we (the higher address) let the peer's crossing proposal win: it builds on
+        our latest and its version is above all we signed, so accepting it keeps rule S; our
+        own in-flight proposals are then dropped (and retried by the client)."""
+        return (
+            self.should_yield
+            and self.latest is not None
+            and p.base_version == self.latest.state.version
+            and p.state.version > self.max_signed
+        )
 
     def _note_peer_version(self, p: Propose, digest: bytes) -> None:
         """Remember a version the peer signed (if the signature is genuine)."""
@@ -468,7 +489,7 @@ class ChannelMachine:
             raise StaleVersion(f"channel {cid} is still opening")
         if self.latest.state.is_final:
             raise ChannelFinal(f"channel {cid} is final at v{self.latest.state.version}")
-        if self.pending:
+        if self.pending and not self._yields_to(p):
             raise ProposalConflict(
                 f"channel {cid} v{state.version} crosses our own proposal "
                 f"v{self.pending[0].proposal.state.version}"
