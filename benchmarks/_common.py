@@ -148,3 +148,32 @@ def wait_result(conn: Any, proc: Any, timeout: float, what: str) -> Any:
             proc.terminate()
             raise RuntimeError(f"{what} did not report within {timeout}s")
     return conn.recv()
+
+
+def install_receive_yield_experiment() -> None:
+    """EXPERIMENT (off unless ``OPTICHANNEL_BENCH_RECV_YIELD=K`` is set): make
+    ``Connection.receive`` yield to the scheduler before every K-th message, so a
+    client's flusher can commit and send the first K answers of a burst while the
+    reader is still verifying the rest.  Tests a recommended change to
+    ``Client._reader`` without editing ``channel/``; never on by default."""
+    import os
+
+    every = int(os.environ.get("OPTICHANNEL_BENCH_RECV_YIELD", "0"))
+    if every <= 0:
+        return
+    import trio.lowlevel
+
+    from channel.transport import Connection
+
+    original = Connection.receive
+    count = 0
+
+    async def receive(self: Connection) -> bytes:
+        nonlocal count
+        count += 1
+        if count % every == 0:
+            await trio.lowlevel.checkpoint()
+        return await original(self)
+
+    Connection.receive = receive  # type: ignore[method-assign]
+    log(f"  EXPERIMENT: receive yields every {every} messages")

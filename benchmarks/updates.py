@@ -44,6 +44,7 @@ from _common import (
     StoreCounter,
     cpu_seconds,
     delta,
+    install_receive_yield_experiment,
     log,
     machine_info,
     percentile,
@@ -73,6 +74,7 @@ def bob_main(
 
     counter = StoreCounter()
     counter.install()
+    install_receive_yield_experiment()
     prof = Profiler(profile)
 
     async def main() -> None:
@@ -116,6 +118,7 @@ def alice_main(
 
     counter = StoreCounter()
     counter.install()
+    install_receive_yield_experiment()
     prof = Profiler(profile)
 
     def snap_both() -> tuple[dict[str, float], dict[str, float]]:
