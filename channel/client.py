@@ -70,7 +70,7 @@ from channel.machine import (
     SendMessage,
 )
 from channel.state import Allocation, Params, SignedState, State
-from channel.store import PersistChannel, PersistPeerAddress, Store, StoreOp
+from channel.store import PersistChannel, PersistPeerAddress, PersistStatus, Store, StoreOp
 from channel.transport import Connection, Listening, PeerAddress, connect, serve
 
 log = logging.getLogger("optichannel.client")
@@ -79,6 +79,10 @@ log = logging.getLogger("optichannel.client")
 OpenPolicy: TypeAlias = Callable[[Params, State], "str | None"]
 #: Called (synchronously, after it is durable) with every new co-signed state.
 StateListener: TypeAlias = Callable[[Params, SignedState], None]
+
+#: Channel statuses: waiting for on-chain funding, usable, final state agreed, concluded.
+FUNDING, OPEN, CLOSING, CLOSED = "funding", "open", "closing", "closed"
+STATUSES = (FUNDING, OPEN, CLOSING, CLOSED)
 
 #: Frames queued for one peer before it counts as stalled and is disconnected.
 SEND_QUEUE_LIMIT = 100_000
@@ -132,8 +136,15 @@ class _Peer:
 
 
 class _Channel:
-    def __init__(self, machine: ChannelMachine, peer_node_id: bytes, peer_addr: str | None) -> None:
+    def __init__(
+        self,
+        machine: ChannelMachine,
+        peer_node_id: bytes,
+        peer_addr: str | None,
+        status: str = "open",
+    ) -> None:
         self.machine = machine
+        self.status = status
         self.peer_node_id = peer_node_id
         self.peer_addr = peer_addr
         self.durable: SignedState | None = machine.latest
@@ -162,10 +173,13 @@ class Client:
         open_policy: OpenPolicy | None = None,
         update_timeout: float = UPDATE_TIMEOUT,
         window: int = PIPELINE_WINDOW,
+        require_funding: bool = False,
     ) -> None:
         self.signer = signer
         self.store = store
-        self.policy = policy
+        self.require_funding = require_funding
+        self.user_policy = policy
+        self.policy: Policy = self._check_incoming
         self.open_policy = open_policy
         self.update_timeout = update_timeout
         self.window = window
@@ -260,8 +274,11 @@ class Client:
             policy=self.policy,
             window=self.window,
         )
-        self._channels[params.channel_id] = _Channel(machine, node_id, addr)
-        self._ops.append(PersistChannel(params=params, me=0, peer_node_id=node_id, peer_addr=addr))
+        status = FUNDING if self.require_funding else OPEN
+        self._channels[params.channel_id] = _Channel(machine, node_id, addr, status)
+        self._ops.append(
+            PersistChannel(params=params, me=0, peer_node_id=node_id, peer_addr=addr, status=status)
+        )
         waiter = self._waiters[uid] = _Waiter()
         self._emit(node_id, outputs)
         await self._await_result(waiter, params.channel_id, 0)
@@ -280,6 +297,8 @@ class Client:
         ch = self._channel(channel_id)
         deadline = trio.current_time() + self.update_timeout
         while True:
+            if ch.status != OPEN:
+                raise LocalProtocolError(f"channel {channel_id.hex()[:16]} is {ch.status}")
             with trio.move_on_at(deadline) as scope:
                 while ch.machine.window_full() or not ch.machine.is_open:
                     if ch.space.is_set():
@@ -355,6 +374,30 @@ class Client:
 
         return await self.update(channel_id, fn)
 
+    def status(self, channel_id: bytes) -> str:
+        """``funding``, ``open``, ``closing`` or ``closed``."""
+        return self._channel(channel_id).status
+
+    def set_status(self, channel_id: bytes, status: str) -> None:
+        """Record a new status (durable with the next group commit; see :meth:`drain`)."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        self._channel(channel_id).status = status
+        self._ops.append(PersistStatus(channel_id=channel_id, status=status))
+        self._wake.set()
+
+    def me(self, channel_id: bytes) -> int:
+        """Our participant index (0 or 1) in the channel."""
+        return self._channel(channel_id).machine.me
+
+    def _check_incoming(self, params: Params, old: State, new: State) -> str | None:
+        ch = self._channels.get(params.channel_id)
+        if ch is not None and ch.status != OPEN:
+            return f"channel is {ch.status}"
+        if self.user_policy is not None:
+            return self.user_policy(params, old, new)
+        return None
+
     def latest(self, channel_id: bytes) -> SignedState | None:
         """The latest co-signed state that is durable in our store."""
         return self._channel(channel_id).durable
@@ -408,7 +451,7 @@ class Client:
                 window=self.window,
             )
             self._channels[rec.params.channel_id] = _Channel(
-                machine, rec.peer_node_id, rec.peer_addr
+                machine, rec.peer_node_id, rec.peer_addr, rec.status
             )
 
     async def _await_result(
@@ -655,8 +698,9 @@ class Client:
         machine, outputs = ChannelMachine.accept_open(
             msg=msg, me=1, sign=self.signer.sign, policy=self.policy, window=self.window
         )
-        self._channels[cid] = _Channel(machine, node_id, None)
-        self._ops.append(PersistChannel(params=params, me=1, peer_node_id=node_id))
+        status = FUNDING if self.require_funding else OPEN
+        self._channels[cid] = _Channel(machine, node_id, None, status)
+        self._ops.append(PersistChannel(params=params, me=1, peer_node_id=node_id, status=status))
         self._emit(node_id, outputs)
 
     # -- lifecycle ------------------------------------------------------------
@@ -710,9 +754,13 @@ async def open_client(
     open_policy: OpenPolicy | None = None,
     update_timeout: float = UPDATE_TIMEOUT,
     window: int = PIPELINE_WINDOW,
+    require_funding: bool = False,
 ) -> AsyncIterator[Client]:
     """Run a client: load (or create) the store, listen on ``host:port`` (``port=None``
-    to not listen), reconnect to known peers, and close everything cleanly on exit."""
+    to not listen), reconnect to known peers, and close everything cleanly on exit.
+
+    ``require_funding``: new channels start as ``funding`` and accept no updates until
+    ``channel.onchain.fund`` has seen both deposits confirmed on chain."""
     store = Store(store_path, owner=signer.address)
     client = Client(
         signer,
@@ -721,6 +769,7 @@ async def open_client(
         open_policy=open_policy,
         update_timeout=update_timeout,
         window=window,
+        require_funding=require_funding,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -75,6 +75,15 @@ class PersistChannel:
     me: int
     peer_node_id: bytes
     peer_addr: str | None = None
+    status: str = "open"
+
+
+@attrs.frozen(kw_only=True)
+class PersistStatus:
+    """A channel's new lifecycle status (``funding``, ``open``, ``closing``, ``closed``)."""
+
+    channel_id: bytes
+    status: str
 
 
 @attrs.frozen(kw_only=True)
@@ -86,7 +95,12 @@ class PersistPeerAddress:
 
 
 StoreOp: TypeAlias = (
-    PersistChannel | PersistPeerAddress | PersistProposal | PersistLatest | PersistDropProposals
+    PersistChannel
+    | PersistStatus
+    | PersistPeerAddress
+    | PersistProposal
+    | PersistLatest
+    | PersistDropProposals
 )
 
 
@@ -268,16 +282,21 @@ class Store:
 
 def _put_channel(db: sqlite3.Connection, op: PersistChannel) -> None:
     db.execute(
-        "INSERT INTO channels (channel_id, params, me, peer_node_id, peer_addr) "
-        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (channel_id) DO NOTHING",
+        "INSERT INTO channels (channel_id, params, me, peer_node_id, peer_addr, status) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id) DO NOTHING",
         (
             op.params.channel_id,
             cbor2.dumps(codec.params_to_wire(op.params), canonical=True),
             op.me,
             op.peer_node_id,
             op.peer_addr,
+            op.status,
         ),
     )
+
+
+def _put_status(db: sqlite3.Connection, op: PersistStatus) -> None:
+    db.execute("UPDATE channels SET status=? WHERE channel_id=?", (op.status, op.channel_id))
 
 
 def _put_peer_addr(db: sqlite3.Connection, op: PersistPeerAddress) -> None:
@@ -350,6 +369,7 @@ def _drop_proposals(db: sqlite3.Connection, op: PersistDropProposals) -> None:
 
 _APPLY: dict[type, Callable[[sqlite3.Connection, Any], None]] = {
     PersistChannel: _put_channel,
+    PersistStatus: _put_status,
     PersistPeerAddress: _put_peer_addr,
     PersistProposal: _put_proposal,
     PersistLatest: _put_latest,
