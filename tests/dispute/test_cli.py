@@ -335,8 +335,9 @@ def test_no_private_key_argument_exists(
 
 def test_keystore_new_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`keystore new` writes an encrypted keystore readable only by its owner and prints
-    the address; `load_key` with the same password returns that address's key, and with
-    no password and no terminal it fails with a clear error."""
+    the address; `load_key` with the same password (from the environment or a prompt)
+    returns that address's key; with no password and no terminal, or a wrong one, it
+    fails with a typed error."""
     path = tmp_path / "key.json"
     env = {keystore.PASSWORD_ENV: "correct horse"}
     code, out, err = _run(capsys, ["keystore", "new", "--out", str(path)], env)
@@ -348,6 +349,9 @@ def test_keystore_new_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert secret.hex() not in path.read_text()
     with pytest.raises(keystore.NoPassword):
         keystore.load_key(path, {})
+    assert keystore.load_key(path, {}, prompt=lambda _: "correct horse") == secret
+    with pytest.raises(keystore.WrongPassword):
+        keystore.load_key(path, {}, prompt=lambda _: "wrong horse")
     code, _, err = _run(capsys, ["keystore", "new", "--out", str(path)], env)
     assert code == 1 and "exists" in _one_error_line(err)
 
