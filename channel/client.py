@@ -90,6 +90,8 @@ SEND_QUEUE_LIMIT = 100_000
 YIELD_QUIET = 0.005
 #: After winning a conflict, the longest a party waits for the peer to take its turn.
 YIELD_HOLD = 0.02
+#: Frames handled from one connection before the flusher gets a turn.
+READ_BURST = 16
 #: Malformed frames tolerated from one connection before it is dropped.
 MAX_PEER_ERRORS = 100
 
@@ -117,11 +119,13 @@ class ChannelInfo:
 
 
 class _Waiter:
-    __slots__ = ("event", "result")
+    __slots__ = ("deadline", "event", "result", "timed_out")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
         self.event = trio.Event()
         self.result: NotifyAccepted | NotifyRejected | None = None
+        self.timed_out = False
 
 
 class _Peer:
@@ -148,8 +152,12 @@ class _Channel:
         self.peer_node_id = peer_node_id
         self.peer_addr = peer_addr
         self.durable: SignedState | None = machine.latest
-        self.space = trio.Event()  # set when the pipeline window has room
-        self.space.set()
+        # Callers waiting for room in the pipeline window, first come first served: each
+        # resolved proposal frees one slot and wakes one caller.
+        self.room = trio.lowlevel.ParkingLot()
+        self.last_progress = trio.current_time()  # when a proposal of ours last resolved
+        self.parked = 0  # callers waiting for room
+        self.stalled = False  # set by the sweeper: no progress for update_timeout
         self.last_incoming = -math.inf  # trio time of the last proposal we accepted
         self.conflict_at = -math.inf  # trio time of the last conflict we saw
         self.incoming = trio.Event()  # set (and replaced) whenever we accept a proposal
@@ -279,7 +287,7 @@ class Client:
         self._ops.append(
             PersistChannel(params=params, me=0, peer_node_id=node_id, peer_addr=addr, status=status)
         )
-        waiter = self._waiters[uid] = _Waiter()
+        waiter = self._waiters[uid] = _Waiter(trio.current_time() + self.update_timeout)
         self._emit(node_id, outputs)
         await self._await_result(waiter, params.channel_id, 0)
         return params.channel_id
@@ -299,25 +307,16 @@ class Client:
         while True:
             if ch.status != OPEN:
                 raise LocalProtocolError(f"channel {channel_id.hex()[:16]} is {ch.status}")
-            with trio.move_on_at(deadline) as scope:
-                while ch.machine.window_full() or not ch.machine.is_open:
-                    if ch.space.is_set():
-                        ch.space = trio.Event()
-                    await ch.space.wait()
-            if scope.cancelled_caught:
-                raise PeerTimeout(
-                    f"channel {channel_id.hex()[:16]}: pipeline window still full after "
-                    f"{self.update_timeout}s"
-                )
+            if ch.machine.window_full() or not ch.machine.is_open:
+                await self._wait_for_room(ch)
+                continue
             if not ch.machine.should_yield and ch.conflict_at > ch.last_incoming:
                 # We won the last conflict: give the peer one turn before proposing again.
                 with trio.move_on_at(min(deadline, ch.conflict_at + YIELD_HOLD)):
                     while ch.conflict_at > ch.last_incoming:
                         await ch.incoming_changed().wait()
-            while ch.machine.window_full():
-                if ch.space.is_set():
-                    ch.space = trio.Event()
-                await ch.space.wait()
+                if ch.machine.window_full():
+                    continue
             upd = fn(ch.machine.tip())
             uid = self._new_update_id()
             outputs = ch.machine.handle(
@@ -328,7 +327,7 @@ class Client:
                     is_final=upd.is_final,
                 )
             )
-            waiter = self._waiters[uid] = _Waiter()
+            waiter = self._waiters[uid] = _Waiter(trio.current_time() + self.update_timeout)
             self._emit(ch.peer_node_id, outputs)
             result = await self._await_result(waiter, channel_id, -1)
             if isinstance(result, NotifyAccepted):
@@ -352,6 +351,37 @@ class Client:
                         await ch.incoming_changed().wait()
                     if quiet.cancelled_caught:
                         break
+
+    async def _wait_for_room(self, ch: _Channel) -> None:
+        """Park until a slot of the window frees up.  Queueing is not a timeout: only
+        ``update_timeout`` without *any* proposal of the channel resolved is (the
+        sweeper then wakes everyone with ``ch.stalled`` set)."""
+        ch.parked += 1
+        try:
+            await ch.room.park()
+        finally:
+            ch.parked -= 1
+        if ch.stalled:
+            raise PeerTimeout(
+                f"channel {ch.machine.channel_id.hex()[:16]}: the pipeline window has "
+                f"been full for {self.update_timeout}s with no answer from the peer"
+            )
+
+    async def _sweeper(self) -> None:
+        """Time out waiters and stalled windows, so the hot path needs no cancel scopes."""
+        step = max(0.01, min(0.25, self.update_timeout / 8))
+        while True:
+            await trio.sleep(step)
+            now = trio.current_time()
+            expired = [w for w in self._waiters.values() if w.deadline <= now]
+            for w in expired:
+                if not w.event.is_set():
+                    w.timed_out = True
+                    w.event.set()
+            for ch in self._channels.values():
+                ch.stalled = bool(ch.parked) and now - ch.last_progress >= self.update_timeout
+                if ch.stalled:
+                    ch.room.unpark_all()
 
     async def pay(self, channel_id: bytes, asset: bytes, amount: int) -> SignedState:
         """Move ``amount`` of ``asset`` from us to the peer."""
@@ -457,10 +487,9 @@ class Client:
     async def _await_result(
         self, waiter: _Waiter, channel_id: bytes, version: int
     ) -> NotifyAccepted | NotifyRejected:
-        try:
-            with trio.fail_after(self.update_timeout):
-                await waiter.event.wait()
-        except trio.TooSlowError:
+        await waiter.event.wait()
+        if waiter.timed_out:
+            self._waiters = {k: w for k, w in self._waiters.items() if w is not waiter}
             ch = self._channels.get(channel_id)
             if ch is not None:
                 # Force a resync: the outcome is settled when the link comes back.
@@ -537,7 +566,19 @@ class Client:
             if waiter is not None:
                 waiter.result = note
                 waiter.event.set()
-            self._wake_channel(note)
+            cid = (
+                note.signed.state.channel_id
+                if isinstance(note, NotifyAccepted)
+                else note.channel_id
+            )
+            ch = self._channels.get(cid)
+            if ch is not None:
+                ch.last_progress = trio.current_time()
+                ch.stalled = False
+                if note.signed.state.version == 0 if isinstance(note, NotifyAccepted) else False:
+                    ch.room.unpark_all()  # the channel just opened: everyone may go
+                else:
+                    ch.room.unpark()  # one slot freed: one caller goes
         elif isinstance(note, NotifyReceived):
             ch = self._channels.get(note.signed.state.channel_id)
             if ch is not None:
@@ -550,11 +591,6 @@ class Client:
                 if ch is not None:
                     # The peer wants a turn: hold our next proposals briefly (see update()).
                     ch.conflict_at = trio.current_time()
-
-    def _wake_channel(self, note: NotifyAccepted | NotifyRejected) -> None:
-        for ch in self._channels.values():
-            if not ch.machine.window_full():
-                ch.space.set()
 
     # -- internals: connections ----------------------------------------------
 
@@ -616,7 +652,14 @@ class Client:
     async def _reader(self, peer: _Peer) -> None:
         """Feed the peer's frames to the machines until the link fails; never raises."""
         node_id = peer.conn.remote_node_id
+        burst = 0
         while True:
+            burst += 1
+            if burst >= READ_BURST:
+                # Let the flusher commit and answer what we have so far while we go on
+                # reading: both parties then work at the same time instead of in turns.
+                burst = 0
+                await trio.lowlevel.checkpoint()
             try:
                 frame = await peer.conn.receive()
             except TransportError as exc:
@@ -711,6 +754,7 @@ class Client:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._flusher)
+            nursery.start_soon(self._sweeper)
             if port is not None:
                 self.listening = await nursery.start(
                     partial(serve, self.signer, self._accept, host=host, port=port)

@@ -180,6 +180,7 @@ class NotifyAccepted:
 @attrs.frozen(kw_only=True)
 class NotifyRejected:
     update_id: int
+    channel_id: bytes
     version: int
     reason: str
     retryable: bool
@@ -547,6 +548,7 @@ class ChannelMachine:
         for i, f in enumerate(dead):
             out.append(
                 NotifyRejected(
+                    channel_id=self.params.channel_id,
                     update_id=f.update_id,
                     version=f.proposal.state.version,
                     reason=reason
@@ -596,6 +598,7 @@ class ChannelMachine:
                 else:
                     out.append(
                         NotifyRejected(
+                            channel_id=self.params.channel_id,
                             update_id=f.update_id,
                             version=f.proposal.state.version,
                             reason="superseded on resync",

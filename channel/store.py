@@ -184,8 +184,10 @@ class Store:
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
+                batch = _Batch()
                 for op in ops:
-                    _APPLY[type(op)](db, op)
+                    _APPLY[type(op)](db, op, batch)
+                _finish(db, batch)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -280,7 +282,7 @@ class Store:
 # -- op appliers (one per op type) --------------------------------------------
 
 
-def _put_channel(db: sqlite3.Connection, op: PersistChannel) -> None:
+def _put_channel(db: sqlite3.Connection, op: PersistChannel, batch: _Batch) -> None:
     db.execute(
         "INSERT INTO channels (channel_id, params, me, peer_node_id, peer_addr, status) "
         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id) DO NOTHING",
@@ -295,11 +297,11 @@ def _put_channel(db: sqlite3.Connection, op: PersistChannel) -> None:
     )
 
 
-def _put_status(db: sqlite3.Connection, op: PersistStatus) -> None:
+def _put_status(db: sqlite3.Connection, op: PersistStatus, batch: _Batch) -> None:
     db.execute("UPDATE channels SET status=? WHERE channel_id=?", (op.status, op.channel_id))
 
 
-def _put_peer_addr(db: sqlite3.Connection, op: PersistPeerAddress) -> None:
+def _put_peer_addr(db: sqlite3.Connection, op: PersistPeerAddress, batch: _Batch) -> None:
     db.execute("UPDATE channels SET peer_addr=? WHERE channel_id=?", (op.peer_addr, op.channel_id))
 
 
@@ -307,7 +309,15 @@ def _sig_columns(me: int, sig: bytes) -> tuple[bytes | None, bytes | None]:
     return (sig, None) if me == 0 else (None, sig)
 
 
-def _put_proposal(db: sqlite3.Connection, op: PersistProposal) -> None:
+class _Batch:
+    """Per-channel effects of one batch, written once at its end (group commit)."""
+
+    def __init__(self) -> None:
+        self.max_signed: dict[bytes, int] = {}
+        self.latest: dict[bytes, int] = {}
+
+
+def _put_proposal(db: sqlite3.Connection, op: PersistProposal, batch: _Batch) -> None:
     cid = op.params.channel_id
     s0, s1 = _sig_columns(op.me, op.signature)
     v = op.state.version
@@ -318,56 +328,65 @@ def _put_proposal(db: sqlite3.Connection, op: PersistProposal) -> None:
     )
     if cur.rowcount != 1:
         raise StoreError(f"channel {cid.hex()[:16]}: v{v} already signed (rule S)")
-    db.execute("UPDATE channels SET max_signed = max(max_signed, ?) WHERE channel_id=?", (v, cid))
+    batch.max_signed[cid] = max(v, batch.max_signed.get(cid, 0))
 
 
-def _put_latest(db: sqlite3.Connection, op: PersistLatest) -> None:
+def _put_latest(db: sqlite3.Connection, op: PersistLatest, batch: _Batch) -> None:
     cid = op.params.channel_id
     s = op.signed
     v = s.state.version
+    if v <= batch.latest.get(cid, -1):
+        raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
     blob = _state_blob(codec.state_to_wire(s.state))
-    row = db.execute(
-        "SELECT state FROM states WHERE channel_id=? AND version=?", (cid, v)
-    ).fetchone()
-    if row is not None and bytes(row[0]) != blob:
-        raise StoreError(
-            f"channel {cid.hex()[:16]}: v{v} differs from the state we signed there (rule S)"
-        )
-    db.execute(
-        "INSERT INTO states (channel_id, version, base_version, state, sig0, sig1, status) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id, version) DO UPDATE SET "
-        "state=excluded.state, sig0=excluded.sig0, sig1=excluded.sig1, status=excluded.status",
-        (
-            cid,
-            v,
-            v - 1 if v else 0,
-            blob,
-            s.signatures[0],
-            s.signatures[1],
-            COSIGNED,
-        ),
-    )
+    sig0, sig1 = s.signatures
     cur = db.execute(
-        "UPDATE channels SET latest_version=?, max_signed=max(max_signed, ?) "
-        "WHERE channel_id=? AND (latest_version IS NULL OR latest_version < ?)",
-        (v, v, cid, v),
+        "INSERT INTO states (channel_id, version, base_version, state, sig0, sig1, status) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (cid, v, v - 1 if v else 0, blob, sig0, sig1, COSIGNED),
     )
     if cur.rowcount != 1:
-        raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
-    db.execute(
-        "UPDATE states SET status=? WHERE channel_id=? AND status=? AND version<?",
-        (BURNED, cid, IN_FLIGHT, v),
-    )
+        # We signed this version before (our own proposal): complete that very state only.
+        cur = db.execute(
+            "UPDATE states SET sig0=?, sig1=?, status=? "
+            "WHERE channel_id=? AND version=? AND state=?",
+            (sig0, sig1, COSIGNED, cid, v, blob),
+        )
+        if cur.rowcount != 1:
+            raise StoreError(
+                f"channel {cid.hex()[:16]}: v{v} differs from the state we signed there (rule S)"
+            )
+    batch.latest[cid] = v
+    batch.max_signed[cid] = max(v, batch.max_signed.get(cid, 0))
 
 
-def _drop_proposals(db: sqlite3.Connection, op: PersistDropProposals) -> None:
+def _finish(db: sqlite3.Connection, batch: _Batch) -> None:
+    for cid, v in batch.latest.items():
+        cur = db.execute(
+            "UPDATE channels SET latest_version=?, max_signed=max(max_signed, ?) "
+            "WHERE channel_id=? AND (latest_version IS NULL OR latest_version < ?)",
+            (v, batch.max_signed[cid], cid, v),
+        )
+        if cur.rowcount != 1:
+            raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
+        db.execute(
+            "UPDATE states SET status=? WHERE channel_id=? AND status=? AND version<?",
+            (BURNED, cid, IN_FLIGHT, v),
+        )
+    for cid, v in batch.max_signed.items():
+        if cid not in batch.latest:
+            db.execute(
+                "UPDATE channels SET max_signed = max(max_signed, ?) WHERE channel_id=?", (v, cid)
+            )
+
+
+def _drop_proposals(db: sqlite3.Connection, op: PersistDropProposals, batch: _Batch) -> None:
     db.execute(
         "UPDATE states SET status=? WHERE channel_id=? AND status=? AND version>=?",
         (BURNED, op.params.channel_id, IN_FLIGHT, op.from_version),
     )
 
 
-_APPLY: dict[type, Callable[[sqlite3.Connection, Any], None]] = {
+_APPLY: dict[type, Callable[[sqlite3.Connection, Any, _Batch], None]] = {
     PersistChannel: _put_channel,
     PersistStatus: _put_status,
     PersistPeerAddress: _put_peer_addr,

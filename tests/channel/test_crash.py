@@ -422,7 +422,9 @@ def _opens(role: str) -> Callable[[codec.Message], bool]:
 
 
 def _is_sync(m: codec.Message) -> bool:
-    return isinstance(m, Sync)
+    """The victim's first word after a reconnect: ``Sync``, or ``Open`` again while the
+    channel it opens is not yet co-signed in its store."""
+    return isinstance(m, Sync | Open)
 
 
 def _victim_env(fault: str | None = None) -> dict[str, str]:
