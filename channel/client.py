@@ -90,6 +90,8 @@ SEND_QUEUE_LIMIT = 100_000
 YIELD_QUIET = 0.005
 #: After winning a conflict, the longest a party waits for the peer to take its turn.
 YIELD_HOLD = 0.02
+#: Batches up to this many store operations commit on the Trio thread (no hand-off).
+INLINE_COMMIT_OPS = 4
 #: Frames handled from one connection before the flusher gets a turn.
 READ_BURST = 16
 #: Malformed frames tolerated from one connection before it is dropped.
@@ -526,7 +528,12 @@ class Client:
             self._ops, self._sends, self._notes = [], [], []
             if ops:
                 # Persist, then send: nothing below leaves before this fsync returns.
-                await trio.to_thread.run_sync(self.store.apply, ops)
+                if len(ops) <= INLINE_COMMIT_OPS:
+                    # A small batch (lock-step traffic): the thread hand-off would cost
+                    # more than it saves; nothing else is waiting for the loop anyway.
+                    self.store.apply(ops)
+                else:
+                    await trio.to_thread.run_sync(self.store.apply, ops)
             by_peer: dict[bytes, list[bytes]] = {}
             for peer, frame in sends:
                 by_peer.setdefault(peer, []).append(frame)
