@@ -19,6 +19,8 @@ PURE = [
     "channel.hashing",
     "channel.errors",
     "channel.limits",
+    "channel.chain",
+    "dispute.policy",
 ]
 FORBIDDEN_TOP = {"trio", "socket", "sqlite3", "web3", "httpx"}
 FORBIDDEN_CHANNEL = {"channel.store", "channel.transport", "channel.client"}

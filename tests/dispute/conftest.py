@@ -10,16 +10,7 @@ from web3 import Web3
 from web3.contract import Contract
 
 from channel.keys import Signer
-from dispute.anvil import Anvil, anvil_available, run_anvil
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if anvil_available():
-        return
-    skip = pytest.mark.skip(reason="anvil not installed: run ./dev setup")
-    for item in items:
-        if "tests/dispute" in str(item.fspath) and "test_artifact" not in str(item.fspath):
-            item.add_marker(skip)
+from dispute.anvil import Anvil, run_anvil
 
 
 @pytest.fixture(scope="session")
