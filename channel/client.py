@@ -89,7 +89,7 @@ SEND_QUEUE_LIMIT = 100_000
 #: After a conflict the yielding party waits for this long a gap in the peer's proposals.
 YIELD_QUIET = 0.005
 #: After winning a conflict, the longest a party waits for the peer to take its turn.
-YIELD_HOLD = 0.02
+YIELD_HOLD = 0.05
 #: Batches up to this many store operations commit on the Trio thread (no hand-off).
 INLINE_COMMIT_OPS = 4
 #: Frames handled from one connection before the flusher gets a turn.
@@ -162,6 +162,7 @@ class _Channel:
         self.stalled = False  # set by the sweeper: no progress for update_timeout
         self.last_incoming = -math.inf  # trio time of the last proposal we accepted
         self.conflict_at = -math.inf  # trio time of the last conflict we saw
+        self.turn_given_at = -math.inf  # the conflict after which we last gave a turn
         self.incoming = trio.Event()  # set (and replaced) whenever we accept a proposal
 
     def incoming_changed(self) -> trio.Event:
@@ -312,11 +313,10 @@ class Client:
             if ch.machine.window_full() or not ch.machine.is_open:
                 await self._wait_for_room(ch)
                 continue
-            if not ch.machine.should_yield and ch.conflict_at > ch.last_incoming:
-                # We won the last conflict: give the peer one turn before proposing again.
-                with trio.move_on_at(min(deadline, ch.conflict_at + YIELD_HOLD)):
-                    while ch.conflict_at > ch.last_incoming:
-                        await ch.incoming_changed().wait()
+            if not ch.machine.should_yield and ch.conflict_at > ch.turn_given_at:
+                # We won the last conflict: give the peer one turn (its burst, until a
+                # quiet gap) before proposing again, for at most YIELD_HOLD.
+                await self._give_turn(ch, deadline)
                 if ch.machine.window_full():
                     continue
             upd = fn(ch.machine.tip())
@@ -347,12 +347,27 @@ class Client:
                 )
             ch.conflict_at = trio.current_time()
             if ch.machine.should_yield:
-                # Let the peer (lower address) finish its burst: wait for a quiet gap.
-                while True:
-                    with trio.move_on_after(YIELD_QUIET) as quiet:
-                        await ch.incoming_changed().wait()
-                    if quiet.cancelled_caught:
-                        break
+                # Let the peer (lower address) finish its burst: wait for a quiet gap in
+                # its proposals, but never longer than YIELD_HOLD (no starvation).
+                with trio.move_on_after(YIELD_HOLD):
+                    await self._quiet_gap(ch)
+
+    async def _quiet_gap(self, ch: _Channel) -> None:
+        """Return after YIELD_QUIET seconds with no proposal accepted from the peer."""
+        while True:
+            with trio.move_on_after(YIELD_QUIET) as quiet:
+                await ch.incoming_changed().wait()
+            if quiet.cancelled_caught:
+                return
+
+    async def _give_turn(self, ch: _Channel, deadline: float) -> None:
+        """After winning a conflict: wait for the peer's turn to start and end."""
+        conflict_at = ch.conflict_at
+        with trio.move_on_at(min(deadline, conflict_at + YIELD_HOLD)):
+            while ch.last_incoming <= conflict_at:
+                await ch.incoming_changed().wait()
+            await self._quiet_gap(ch)
+        ch.turn_given_at = max(ch.turn_given_at, conflict_at)
 
     async def _wait_for_room(self, ch: _Channel) -> None:
         """Park until a slot of the window frees up.  Queueing is not a timeout: only

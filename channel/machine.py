@@ -37,12 +37,10 @@ Conflict: when both parties propose at once, the party with the lower address wi
   own in flight.  The loser (``should_yield``) accepts the winner's proposal instead of
   refusing it — dropping its own in-flight proposals, which the client retries — when
   that is safe: the proposal builds on the loser's latest state and its version is above
-  everything the loser signed (rule S).  If the versions collide (the winner had not yet
-  seen the loser's), the loser must refuse and both proposals are burned; the winner
-  learns the loser's versions from the crossing proposal (``peer_max_signed``) and its
-  retry, numbered above them, is then accepted.  The client adds turn-taking (the loser
-  retries after a gap in the winner's proposals; the winner holds briefly after a
-  conflict so the loser gets its turn).
+  everything the loser signed (rule S).  A proposal on our latest whose version collides
+  with one we signed is a conflict too (retryable), never a replay.  Each side learns
+  the other's signed versions from crossing proposals and ``Sync`` (``peer_max_signed``)
+  and numbers its retries above them.  The client adds turn-taking (see docs/protocol.md).
 
 Reconnect: each side sends ``Sync`` (latest co-signed, ``max_signed``, its
   half-signed proposals).  A newer co-signed state from the peer is checked
@@ -499,6 +497,13 @@ class ChannelMachine:
             raise StaleVersion(
                 f"channel {cid} v{state.version}: built on v{p.base_version}, "
                 f"our latest is v{self.latest.state.version}"
+            )
+        if self.latest.state.version < state.version <= self.max_signed:
+            # Built on our latest, but we signed that version ourselves (a crossing
+            # proposal of ours, now burned): a conflict the proposer retries above it.
+            raise ProposalConflict(
+                f"channel {cid} v{state.version} collides with our own signed "
+                f"v{self.max_signed}"
             )
         if state.version <= self.max_signed:
             raise StaleVersion(
