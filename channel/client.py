@@ -93,7 +93,7 @@ YIELD_HOLD = 0.05
 #: Batches up to this many store operations commit on the Trio thread (no hand-off).
 INLINE_COMMIT_OPS = 4
 #: Frames handled from one connection before the flusher gets a turn.
-READ_BURST = 16
+READ_BURST = 4
 #: Malformed frames tolerated from one connection before it is dropped.
 MAX_PEER_ERRORS = 100
 
