@@ -50,6 +50,7 @@ from channel.errors import (
 )
 from channel.keys import Signer, address_of_node_id
 from channel.limits import PIPELINE_WINDOW, UPDATE_TIMEOUT
+from channel.links import Links
 from channel.machine import (
     ActionConnected,
     ActionPropose,
@@ -71,7 +72,7 @@ from channel.machine import (
 )
 from channel.state import Allocation, Params, SignedState, State
 from channel.store import PersistChannel, PersistPeerAddress, PersistStatus, Store, StoreOp
-from channel.transport import Connection, Listening, PeerAddress, connect, serve
+from channel.transport import Listening, PeerAddress, serve
 
 log = logging.getLogger("optichannel.client")
 
@@ -84,18 +85,12 @@ StateListener: TypeAlias = Callable[[Params, SignedState], None]
 FUNDING, OPEN, CLOSING, CLOSED = "funding", "open", "closing", "closed"
 STATUSES = (FUNDING, OPEN, CLOSING, CLOSED)
 
-#: Frames queued for one peer before it counts as stalled and is disconnected.
-SEND_QUEUE_LIMIT = 100_000
 #: After a conflict the yielding party waits for this long a gap in the peer's proposals.
 YIELD_QUIET = 0.005
 #: After winning a conflict, the longest a party waits for the peer to take its turn.
 YIELD_HOLD = 0.05
 #: Batches up to this many store operations commit on the Trio thread (no hand-off).
 INLINE_COMMIT_OPS = 4
-#: Frames handled from one connection before the flusher gets a turn.
-READ_BURST = 4
-#: Malformed frames tolerated from one connection before it is dropped.
-MAX_PEER_ERRORS = 100
 
 
 @attrs.frozen(kw_only=True)
@@ -128,17 +123,6 @@ class _Waiter:
         self.event = trio.Event()
         self.result: NotifyAccepted | NotifyRejected | None = None
         self.timed_out = False
-
-
-class _Peer:
-    """One live connection and its writer task's queue."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self.send, self.recv = trio.open_memory_channel[list[bytes]](math.inf)
-        self.queued = 0
-        self.errors = 0
-        self.closed = trio.Event()
 
 
 class _Channel:
@@ -196,8 +180,12 @@ class Client:
         self.window = window
         self.listening: Listening | None = None
         self._channels: dict[bytes, _Channel] = {}
-        self._peers: dict[bytes, _Peer] = {}
-        self._dialing: set[bytes] = set()
+        self.links = Links(
+            signer,
+            on_frame=lambda node_id, frame: self._on_frame(node_id, frame),
+            on_connected=lambda node_id: self._on_connected(node_id),
+            timeout=update_timeout,
+        )
         self._waiters: dict[int, _Waiter] = {}
         self._next_update = 0
         self._ops: list[StoreOp] = []
@@ -207,7 +195,6 @@ class Client:
         self._listeners: list[StateListener] = []
         self._nursery: trio.Nursery | None = None
         self._idle = trio.Event()
-        self._peers_changed = trio.Event()
         self._load()
 
     # -- public API ---------------------------------------------------------
@@ -232,19 +219,7 @@ class Client:
 
     async def connect(self, address: PeerAddress) -> None:
         """Connect to a peer (and keep reconnecting if the link drops); returns once up."""
-        if address.node_id in self._peers:
-            return
-        if address.node_id in self._dialing:
-            # A redial loop for this peer runs already: wait for it, never start a second.
-            with trio.fail_after(self.update_timeout):
-                await self.wait_connected(address.node_id)
-            return
-        ready = trio.Event()
-        assert self._nursery is not None
-        self._dialing.add(address.node_id)
-        self._nursery.start_soon(self._dial_loop, address, ready)
-        with trio.fail_after(self.update_timeout):
-            await ready.wait()
+        await self.links.connect(address)
 
     async def open_channel(
         self,
@@ -264,7 +239,7 @@ class Client:
             node_id, addr = peer.node_id, str(peer)
         else:
             node_id, addr = peer, None
-        if node_id not in self._peers:
+        if not self.links.is_connected(node_id):
             raise TransportError(f"not connected to {node_id.hex()}")
         peer_addr = address_of_node_id(node_id)
         params = Params.new(
@@ -460,17 +435,14 @@ class Client:
                 peer_node_id=ch.peer_node_id,
                 latest=ch.durable,
                 in_flight=len(ch.machine.pending),
-                connected=ch.peer_node_id in self._peers,
+                connected=self.links.is_connected(ch.peer_node_id),
             )
             for cid, ch in self._channels.items()
         ]
 
     async def wait_connected(self, node_id: bytes) -> None:
         """Wait until a connection to ``node_id`` is up (use a cancel scope to bound it)."""
-        while node_id not in self._peers:
-            if self._peers_changed.is_set():
-                self._peers_changed = trio.Event()
-            await self._peers_changed.wait()
+        await self.links.wait_connected(node_id)
 
     # -- internals: channels --------------------------------------------------
 
@@ -510,9 +482,7 @@ class Client:
             ch = self._channels.get(channel_id)
             if ch is not None:
                 # Force a resync: the outcome is settled when the link comes back.
-                peer = self._peers.get(ch.peer_node_id)
-                if peer is not None:
-                    await trio.aclose_forcefully(peer.conn)
+                await self.links.drop(ch.peer_node_id)
             raise PeerTimeout(
                 f"channel {channel_id.hex()[:16]}: no answer within {self.update_timeout}s; "
                 "the outcome is settled when the peer reconnects"
@@ -553,15 +523,8 @@ class Client:
             for peer, frame in sends:
                 by_peer.setdefault(peer, []).append(frame)
             for node_id, frames in by_peer.items():
-                p = self._peers.get(node_id)
-                if p is None:
-                    continue  # offline: the reconnect Sync carries everything that matters
-                p.queued += len(frames)
-                if p.queued > SEND_QUEUE_LIMIT:
-                    log.warning("peer %s stalled; disconnecting", node_id.hex()[:16])
-                    await trio.aclose_forcefully(p.conn)
-                    continue
-                p.send.send_nowait(frames)
+                # Offline or stalled: the reconnect Sync carries everything that matters.
+                await self.links.queue(node_id, frames)
             for note in notes:
                 self._notify(note)
             for op in ops:
@@ -614,90 +577,23 @@ class Client:
                     # The peer wants a turn: hold our next proposals briefly (see update()).
                     ch.conflict_at = trio.current_time()
 
-    # -- internals: connections ----------------------------------------------
+    # -- internals: what the links hand us -----------------------------------
 
-    async def _dial_loop(self, address: PeerAddress, ready: trio.Event) -> None:
-        backoff = 0.05
-        self._dialing.add(address.node_id)
+    def _on_connected(self, node_id: bytes) -> None:
+        for ch in self._channels.values():
+            if ch.peer_node_id == node_id:
+                self._emit(node_id, ch.machine.handle(ActionConnected()))
+
+    def _on_frame(self, node_id: bytes, frame: bytes) -> bool:
+        """Handle one frame from ``node_id``; a refused one gets an ``Error`` reply."""
         try:
-            while True:
-                try:
-                    conn = await connect(self.signer, address)
-                except TransportError as exc:
-                    log.info("dial %s failed: %s", address, exc)
-                    await trio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                backoff = 0.05
-                await self._run_peer(conn, ready)
-                await trio.sleep(0.01)
-        finally:
-            self._dialing.discard(address.node_id)
-
-    async def _accept(self, conn: Connection) -> None:
-        await self._run_peer(conn, None)
-
-    async def _run_peer(self, conn: Connection, ready: trio.Event | None) -> None:
-        node_id = conn.remote_node_id
-        old = self._peers.get(node_id)
-        if old is not None:
-            await trio.aclose_forcefully(old.conn)
-            await old.closed.wait()
-        peer = _Peer(conn)
-        self._peers[node_id] = peer
-        self._peers_changed.set()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, peer)
-                for ch in self._channels.values():
-                    if ch.peer_node_id == node_id:
-                        self._emit(node_id, ch.machine.handle(ActionConnected()))
-                if ready is not None:
-                    ready.set()
-                await self._reader(peer)
-                nursery.cancel_scope.cancel()
-        finally:
-            if self._peers.get(node_id) is peer:
-                del self._peers[node_id]
-            peer.closed.set()
-            await trio.aclose_forcefully(conn)
-
-    async def _writer(self, peer: _Peer) -> None:
-        async for frames in peer.recv:
-            peer.queued -= len(frames)
-            try:
-                await peer.conn.send_many(frames)
-            except TransportError:
-                await trio.aclose_forcefully(peer.conn)
-                return
-
-    async def _reader(self, peer: _Peer) -> None:
-        """Feed the peer's frames to the machines until the link fails; never raises."""
-        node_id = peer.conn.remote_node_id
-        burst = 0
-        while True:
-            burst += 1
-            if burst >= READ_BURST:
-                # Let the flusher commit and answer what we have so far while we go on
-                # reading: both parties then work at the same time instead of in turns.
-                burst = 0
-                await trio.lowlevel.checkpoint()
-            try:
-                frame = await peer.conn.receive()
-            except TransportError as exc:
-                log.info("peer %s disconnected: %s", node_id.hex()[:16], exc)
-                return
-            try:
-                msg = codec.decode(frame)
-                self._dispatch(node_id, msg)
-            except (DecodeError, RemoteProtocolError) as exc:
-                peer.errors += 1
-                log.info("from %s: %s", node_id.hex()[:16], exc)
-                self._sends.append((node_id, codec.encode(Error(reason=str(exc)[:200]))))
-                self._wake.set()
-                if peer.errors > MAX_PEER_ERRORS:
-                    log.warning("peer %s sent too many bad frames; disconnecting", node_id.hex())
-                    return
+            self._dispatch(node_id, codec.decode(frame))
+        except (DecodeError, RemoteProtocolError) as exc:
+            log.info("from %s: %s", node_id.hex()[:16], exc)
+            self._sends.append((node_id, codec.encode(Error(reason=str(exc)[:200]))))
+            self._wake.set()
+            return False
+        return True
 
     def _dispatch(self, node_id: bytes, msg: codec.Message) -> None:
         if isinstance(msg, Propose):
@@ -775,18 +671,16 @@ class Client:
     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self.links.attach(nursery)
             nursery.start_soon(self._flusher)
             nursery.start_soon(self._sweeper)
             if port is not None:
                 self.listening = await nursery.start(
-                    partial(serve, self.signer, self._accept, host=host, port=port)
+                    partial(serve, self.signer, self.links.accept, host=host, port=port)
                 )
             for ch in self._channels.values():
                 if ch.peer_addr:
-                    addr = PeerAddress.parse(ch.peer_addr)
-                    if addr.node_id not in self._dialing:
-                        self._dialing.add(addr.node_id)
-                        nursery.start_soon(self._dial_loop, addr, trio.Event())
+                    self.links.redial(PeerAddress.parse(ch.peer_addr))
             task_status.started()
 
     async def remember_peer_address(self, channel_id: bytes, address: PeerAddress) -> None:

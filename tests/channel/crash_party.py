@@ -149,10 +149,7 @@ async def _flusher_send_before_persist(self: Client) -> None:
         ops, sends, notes = self._ops, self._sends, self._notes
         self._ops, self._sends, self._notes = [], [], []
         for node_id, frame in sends:
-            p = self._peers.get(node_id)
-            if p is not None:
-                p.queued += 1
-                p.send.send_nowait([frame])
+            await self.links.queue(node_id, [frame])
         await trio.sleep(0.02)
         if ops:
             await trio.to_thread.run_sync(self.store.apply, ops)

@@ -1,0 +1,188 @@
+"""Live links to peers: dialling (and redialling), accepting, one reader and one writer
+per connection.
+
+The client owns the channels and the machines; a :class:`Links` owns the connections.
+It calls back into the client with every frame a peer sends (``on_frame``) and every
+time a link comes up (``on_connected``), and takes the frames the client's flusher has
+released (``queue``).  One link per peer: a newer connection from the same key
+replaces the older one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import trio
+
+from channel.errors import LocalProtocolError, TransportError
+from channel.keys import Signer
+from channel.transport import Connection, PeerAddress, connect
+
+log = logging.getLogger("optichannel.links")
+
+#: Frames queued for one peer before it counts as stalled and is disconnected.
+SEND_QUEUE_LIMIT = 100_000
+#: Frames handled from one connection before the flusher gets a turn.
+READ_BURST = 4
+#: Malformed frames tolerated from one connection before it is dropped.
+MAX_PEER_ERRORS = 100
+
+#: ``on_frame(node_id, frame) -> bool``: handle one frame; False if it was refused.
+OnFrame = Callable[[bytes, bytes], bool]
+OnConnected = Callable[[bytes], None]
+
+
+class Peer:
+    """One live connection and its writer task's queue."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.send, self.recv = trio.open_memory_channel[list[bytes]](math.inf)
+        self.queued = 0
+        self.errors = 0
+        self.closed = trio.Event()
+
+
+class Links:
+    def __init__(
+        self, signer: Signer, *, on_frame: OnFrame, on_connected: OnConnected, timeout: float
+    ) -> None:
+        self.signer = signer
+        self.on_frame = on_frame
+        self.on_connected = on_connected
+        self.timeout = timeout
+        self.peers: dict[bytes, Peer] = {}
+        self.dialing: set[bytes] = set()
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Run dial loops in ``nursery`` (the client's)."""
+        self._nursery = nursery
+
+    def is_connected(self, node_id: bytes) -> bool:
+        return node_id in self.peers
+
+    async def connect(self, address: PeerAddress) -> None:
+        """Connect (and keep redialling if the link drops); return once it is up.
+
+        Raises ``trio.TooSlowError`` after ``timeout`` seconds without a link."""
+        if address.node_id in self.peers:
+            return
+        if self._nursery is None:
+            raise LocalProtocolError("the client is not running")
+        if address.node_id not in self.dialing:
+            # Never a second redial loop for one peer: two would keep replacing each
+            # other's connection.
+            self.dialing.add(address.node_id)
+            self._nursery.start_soon(self._dial_loop, address)
+        with trio.fail_after(self.timeout):
+            await self.wait_connected(address.node_id)
+
+    def redial(self, address: PeerAddress) -> None:
+        """Start a redial loop for a known peer (on restart), without waiting."""
+        if address.node_id not in self.dialing and self._nursery is not None:
+            self.dialing.add(address.node_id)
+            self._nursery.start_soon(self._dial_loop, address)
+
+    async def wait_connected(self, node_id: bytes) -> None:
+        """Wait until a link to ``node_id`` is up (bound it with a cancel scope)."""
+        while node_id not in self.peers:
+            if self._changed.is_set():
+                self._changed = trio.Event()
+            await self._changed.wait()
+
+    async def queue(self, node_id: bytes, frames: list[bytes]) -> bool:
+        """Hand ``frames`` to the peer's writer; False if the peer is offline or stalled
+        (then the reconnect ``Sync`` carries everything that matters)."""
+        p = self.peers.get(node_id)
+        if p is None:
+            return False
+        p.queued += len(frames)
+        if p.queued > SEND_QUEUE_LIMIT:
+            log.warning("peer %s stalled; disconnecting", node_id.hex()[:16])
+            await self.drop(node_id)
+            return False
+        p.send.send_nowait(frames)
+        return True
+
+    async def drop(self, node_id: bytes) -> None:
+        """Close the link to ``node_id`` (a dialled peer is redialled: a fresh resync)."""
+        p = self.peers.get(node_id)
+        if p is not None:
+            await trio.aclose_forcefully(p.conn)
+
+    async def accept(self, conn: Connection) -> None:
+        """The server's handler for an incoming, authenticated connection."""
+        await self._run_peer(conn)
+
+    async def _dial_loop(self, address: PeerAddress) -> None:
+        backoff = 0.05
+        try:
+            while True:
+                try:
+                    conn = await connect(self.signer, address)
+                except TransportError as exc:
+                    log.info("dial %s failed: %s", address, exc)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                backoff = 0.05
+                await self._run_peer(conn)
+                await trio.sleep(0.01)
+        finally:
+            self.dialing.discard(address.node_id)
+
+    async def _run_peer(self, conn: Connection) -> None:
+        node_id = conn.remote_node_id
+        old = self.peers.get(node_id)
+        if old is not None:
+            await trio.aclose_forcefully(old.conn)
+            await old.closed.wait()
+        peer = Peer(conn)
+        self.peers[node_id] = peer
+        self._changed.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, peer)
+                self.on_connected(node_id)
+                await self._reader(peer)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.peers.get(node_id) is peer:
+                del self.peers[node_id]
+            peer.closed.set()
+            await trio.aclose_forcefully(conn)
+
+    async def _writer(self, peer: Peer) -> None:
+        async for frames in peer.recv:
+            peer.queued -= len(frames)
+            try:
+                await peer.conn.send_many(frames)
+            except TransportError:
+                await trio.aclose_forcefully(peer.conn)
+                return
+
+    async def _reader(self, peer: Peer) -> None:
+        """Feed the peer's frames to the client until the link fails; never raises."""
+        node_id = peer.conn.remote_node_id
+        burst = 0
+        while True:
+            burst += 1
+            if burst >= READ_BURST:
+                # Let the flusher commit and answer what we have so far while we go on
+                # reading: both parties then work at the same time instead of in turns.
+                burst = 0
+                await trio.lowlevel.checkpoint()
+            try:
+                frame = await peer.conn.receive()
+            except TransportError as exc:
+                log.info("peer %s disconnected: %s", node_id.hex()[:16], exc)
+                return
+            if not self.on_frame(node_id, frame):
+                peer.errors += 1
+                if peer.errors > MAX_PEER_ERRORS:
+                    log.warning("peer %s sent too many bad frames; disconnecting", node_id.hex())
+                    return
