@@ -502,8 +502,7 @@ class ChannelMachine:
             # Built on our latest, but we signed that version ourselves (a crossing
             # proposal of ours, now burned): a conflict the proposer retries above it.
             raise ProposalConflict(
-                f"channel {cid} v{state.version} collides with our own signed "
-                f"v{self.max_signed}"
+                f"channel {cid} v{state.version} collides with our own signed v{self.max_signed}"
             )
         if state.version <= self.max_signed:
             raise StaleVersion(
