@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -38,11 +38,10 @@ from channel import codec
 from channel.codec import Accept, Error, Open, Propose, Reject, Sync
 from channel.errors import (
     ChannelError,
-    DecodeError,
+    FundsAtRiskError,
     LocalProtocolError,
     PeerTimeout,
     ProposalConflict,
-    RemoteProtocolError,
     TransportError,
     UnknownPeer,
     UpdateRejected,
@@ -417,7 +416,7 @@ class Client:
         if ch is not None and ch.status != OPEN:
             return f"channel is {ch.status}"
         if self.user_policy is not None:
-            return self.user_policy(params, old, new)
+            return _ask_policy(self.user_policy, params, old, new)
         return None
 
     def latest(self, channel_id: bytes) -> SignedState | None:
@@ -588,7 +587,9 @@ class Client:
         """Handle one frame from ``node_id``; a refused one gets an ``Error`` reply."""
         try:
             self._dispatch(node_id, codec.decode(frame))
-        except (DecodeError, RemoteProtocolError) as exc:
+        except FundsAtRiskError:
+            raise
+        except ChannelError as exc:  # whatever the peer sent, it is refused, never fatal
             log.info("from %s: %s", node_id.hex()[:16], exc)
             self._sends.append((node_id, codec.encode(Error(reason=str(exc)[:200]))))
             self._wake.set()
@@ -639,7 +640,7 @@ class Client:
             raise UnknownPeer("Open does not name us as the second participant")
         if params.participants[0] != address_of_node_id(node_id):
             raise UnknownPeer("Open comes from a key that is not its first participant")
-        reason = self.open_policy(params, msg.state) if self.open_policy else None
+        reason = _ask_policy(self.open_policy, params, msg.state) if self.open_policy else None
         if reason is not None:
             self._sends.append(
                 (
@@ -703,6 +704,15 @@ def _open_hash(params: Params, state: State) -> bytes:
     return state_digest(params, state)
 
 
+def _ask_policy(policy: Callable[..., str | None], *args: Any) -> str | None:
+    """A policy that raises refuses (and is logged): user code never brings a client down."""
+    try:
+        return policy(*args)
+    except Exception as exc:
+        log.exception("acceptance policy failed")
+        return f"policy failed: {type(exc).__name__}"
+
+
 @asynccontextmanager
 async def open_client(
     signer: Signer,
@@ -752,5 +762,3 @@ __all__ = [
     "UpdateFn",
     "open_client",
 ]
-
-_unused: tuple[Any, ...] = (Awaitable, ChannelError)

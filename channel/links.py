@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import trio
 
-from channel.errors import LocalProtocolError, TransportError
+from channel.errors import FundsAtRiskError, LocalProtocolError, TransportError
 from channel.keys import Signer
 from channel.transport import Connection, PeerAddress, connect
 
@@ -130,7 +130,12 @@ class Links:
                     backoff = min(backoff * 2, 5.0)
                     continue
                 backoff = 0.05
-                await self._run_peer(conn)
+                try:
+                    await self._run_peer(conn)
+                except FundsAtRiskError:
+                    raise
+                except Exception:  # as for accepted links: a link's failure is not ours
+                    log.exception("link to %s failed", address)
                 await trio.sleep(0.01)
         finally:
             self.dialing.discard(address.node_id)

@@ -307,3 +307,110 @@ async def test_both_sides_saturating_the_channel_all_updates_land(tmp_path: Path
         paid_by_bob = sum(1 + i % 3 for i in range(400) if not i % 2)
         net = paid_by_alice - paid_by_bob
         assert latest.state.allocations[0].balances == (TOTAL - net, TOTAL + net)
+
+
+async def test_raising_policy_refuses_instead_of_crashing(tmp_path: Path) -> None:
+    """A risk policy that raises refuses the update (UpdateRejected); the client survives."""
+
+    def broken(params: Params, old: State, new: State) -> str | None:
+        raise RuntimeError("risk service down")
+
+    async with pair(tmp_path, policy=broken) as (alice, bob, cid):
+        with pytest.raises(UpdateRejected, match="policy failed"):
+            await alice.pay(cid, ETH, 1)
+        assert bob.latest(cid) is not None
+        assert bob.latest(cid).state.version == 0  # type: ignore[union-attr]
+        signed = await bob.pay(cid, ETH, 1)  # bob's own proposals are unaffected
+        assert signed.state.allocations[0].balances == (TOTAL + 1, TOTAL - 1)
+
+
+async def test_open_with_locked_funds_is_refused_and_responder_survives(tmp_path: Path) -> None:
+    """An Open whose initial state locks funds is refused with an Error; the responder
+    keeps serving honest peers."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+        params = Params.new(
+            chain_id=1,
+            adjudicator=ADJ,
+            participants=(alice_key.address, bob_key.address),
+            challenge_duration=60,
+        )
+        bad = attrs.evolve(
+            State.initial(params, [(ETH, 10, 10)]),
+            allocations=(
+                attrs.evolve(
+                    State.initial(params, [(ETH, 10, 10)]).allocations[0],
+                    balances=(5, 10),
+                    locked=5,
+                ),
+            ),
+        )
+        frame = codec.encode(
+            codec.Open(
+                params=params, state=bad, signature=alice_key.sign(state_digest(params, bad))
+            )
+        )
+        await _raw_stranger_frames(bob, [frame], alice_key)
+        assert bob.channels() == []
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+            cid = await alice.open_channel(
+                bob.peer_address(),
+                chain_id=1,
+                adjudicator=ADJ,
+                challenge_duration=60,
+                balances=[(ETH, 10, 10)],
+            )
+            await alice.pay(cid, ETH, 3)
+            await _wait_same(alice, bob, cid)
+
+
+async def test_bad_open_over_a_dialled_link_does_not_bring_the_client_down(
+    tmp_path: Path,
+) -> None:
+    """A peer we dialled that sends an invalid Open (locked funds) is refused; our client,
+    its dial loop and its other channels keep working."""
+    from functools import partial
+
+    from channel.transport import Connection, PeerAddress, serve
+
+    alice_key, mallory_key = Signer.generate(), Signer.generate()  # test-only keys
+    params = Params.new(
+        chain_id=1,
+        adjudicator=ADJ,
+        participants=(mallory_key.address, alice_key.address),
+        challenge_duration=60,
+    )
+    s0 = State.initial(params, [(ETH, 10, 10)])
+    bad = attrs.evolve(
+        s0, allocations=(attrs.evolve(s0.allocations[0], balances=(5, 10), locked=5),)
+    )
+    frame = codec.encode(
+        codec.Open(params=params, state=bad, signature=mallory_key.sign(state_digest(params, bad)))
+    )
+    sent = trio.Event()
+
+    async def mallory(conn: Connection) -> None:
+        await conn.send(frame)
+        sent.set()
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        listening = await n.start(partial(serve, mallory_key, mallory))
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+            await alice.connect(
+                PeerAddress(node_id=mallory_key.node_id, host="127.0.0.1", port=listening.port)
+            )
+            await sent.wait()
+            await trio.sleep(0.1)
+            assert alice.channels() == []
+            async with open_client(Signer.generate(), tmp_path / "bob.sqlite") as bob:
+                cid = await alice.open_channel(
+                    bob.peer_address(),
+                    chain_id=1,
+                    adjudicator=ADJ,
+                    challenge_duration=60,
+                    balances=[(ETH, 9, 9)],
+                )
+                await alice.pay(cid, ETH, 2)
+                await _wait_same(alice, bob, cid)
+        n.cancel_scope.cancel()
