@@ -12,6 +12,7 @@ import trio
 
 from channel import onchain
 from channel.client import CLOSED, FUNDING, OPEN, open_client
+from channel.hashing import to_checksum
 from channel.keys import Signer
 from channel.state import ETH
 from channel.store import COSIGNED
@@ -27,12 +28,23 @@ WINDOW = 120
 
 
 @asynccontextmanager
-async def world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
+async def world(tmp_path: Path, *, with_token: bool = False) -> AsyncIterator[dict[str, Any]]:
+    """Anvil, a deployed Adjudicator, and Alice and Bob with a channel (ETH, and a freshly
+    minted test ERC-20 when ``with_token``) that still needs funding."""
+    from adjudicator_helpers import connect, deploy_test
+
     with run_anvil() as node:
         async with JsonRpcBackend(node.url) as backend, DevNodeControl(node.url) as control:
             a, b, gas = Signer.generate(), Signer.generate(), Signer.generate()  # test-only
             for s in (a, b, gas):
                 await control.fund(s.address, 10 * ETHER)
+            balances = [(ETH, ETHER, ETHER // 2)]
+            token = None
+            if with_token:
+                token = deploy_test(connect(node.url), "TestToken")
+                for s in (a, b):
+                    token.functions.mint(to_checksum(s.address), 1_000_000).transact()
+                balances.append((bytes.fromhex(token.address[2:]), 600_000, 400_000))
             chain_id = await backend.chain_id()
             address, block = await deploy(backend, a)
 
@@ -51,9 +63,10 @@ async def world(tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
                     chain_id=chain_id,
                     adjudicator=address,
                     challenge_duration=WINDOW,
-                    balances=[(ETH, ETHER, ETHER // 2)],
+                    balances=balances,
                 )
                 yield {
+                    "token": token,
                     "alice": alice,
                     "bob": bob,
                     "cid": cid,
@@ -148,54 +161,17 @@ async def test_cooperative_close_pays_both_in_one_transaction(tmp_path: Path) ->
 async def test_erc20_and_eth_channel_funds_trades_and_closes(tmp_path: Path) -> None:
     """A channel holding ETH and an ERC-20 is funded through approve + deposit by both
     parties, trades both assets, and a cooperative close pays each asset exactly."""
-    from adjudicator_helpers import connect, deploy_test
-
-    from channel.hashing import to_checksum
-
-    with run_anvil() as node:
-        async with JsonRpcBackend(node.url) as backend, DevNodeControl(node.url) as control:
-            a, b = Signer.generate(), Signer.generate()  # test-only keys
-            for s in (a, b):
-                await control.fund(s.address, 10 * ETHER)
-            w3 = connect(node.url)
-            token = deploy_test(w3, "TestToken")
-            asset = bytes.fromhex(token.address[2:])
-            for s in (a, b):
-                token.functions.mint(to_checksum(s.address), 1_000_000).transact()
-            chain_id = await backend.chain_id()
-            address, block = await deploy(backend, a)
-
-            def adj(s: Signer) -> AdjudicatorClient:
-                sub = Submitter(backend, s, chain_id=chain_id, confirmations=1, poll_interval=0.05)
-                return AdjudicatorClient(
-                    backend, address, chain_id=chain_id, submitter=sub, from_block=block
-                )
-
-            async with (
-                open_client(a, tmp_path / "a.sqlite", require_funding=True) as alice,
-                open_client(b, tmp_path / "b.sqlite", require_funding=True) as bob,
-            ):
-                cid = await alice.open_channel(
-                    bob.peer_address(),
-                    chain_id=chain_id,
-                    adjudicator=address,
-                    challenge_duration=WINDOW,
-                    balances=[(ETH, ETHER // 10, ETHER // 20), (asset, 600_000, 400_000)],
-                )
-                env = {"alice": alice, "bob": bob, "cid": cid, "ca": adj(a), "cb": adj(b)}
-                with trio.fail_after(5):
-                    while bob.latest(cid) is None:  # noqa: ASYNC110 - bob's store catches up
-                        await trio.sleep(0.01)
-                async with trio.open_nursery() as n:
-                    n.start_soon(partial(onchain.fund, bob, env["cb"], cid, poll=0.05))
-                    n.start_soon(partial(onchain.fund, alice, env["ca"], cid, poll=0.05))
-                assert await env["ca"].holdings(cid, asset) == 1_000_000
-                await alice.pay(cid, asset, 150_000)
-                await bob.pay(cid, ETH, ETHER // 40)
-                out = await onchain.close(bob, env["cb"], cid)
-                assert out.success
-                bal = token.functions.balanceOf
-                assert bal(to_checksum(a.address)).call() == 400_000 + 450_000
-                assert bal(to_checksum(b.address)).call() == 600_000 + 550_000
-                assert await env["ca"].holdings(cid, asset) == 0
-                assert await env["ca"].holdings(cid, ETH) == 0
+    async with world(tmp_path, with_token=True) as env:
+        alice, bob, cid, token = env["alice"], env["bob"], env["cid"], env["token"]
+        asset = bytes.fromhex(token.address[2:])
+        await _funded(env)
+        assert await env["ca"].holdings(cid, asset) == 1_000_000
+        await alice.pay(cid, asset, 150_000)
+        await bob.pay(cid, ETH, ETHER // 40)
+        out = await onchain.close(bob, env["cb"], cid)
+        assert out.success
+        balance = token.functions.balanceOf
+        assert balance(to_checksum(alice.address)).call() == 400_000 + 450_000
+        assert balance(to_checksum(bob.address)).call() == 600_000 + 550_000
+        assert await env["ca"].holdings(cid, asset) == 0
+        assert await env["ca"].holdings(cid, ETH) == 0
