@@ -59,18 +59,16 @@ from channel.machine import (
     NotifyReceived,
     NotifyRejected,
     Output,
-    PersistDropProposals,
     PersistLatest,
-    PersistProposal,
     Policy,
     ReceiveAccept,
     ReceivePropose,
     ReceiveReject,
     ReceiveSync,
-    SendMessage,
 )
+from channel.outbox import Outbox
 from channel.state import Allocation, Params, SignedState, State
-from channel.store import PersistChannel, PersistPeerAddress, PersistStatus, Store, StoreOp
+from channel.store import PersistChannel, PersistPeerAddress, PersistStatus, Store
 from channel.transport import Listening, PeerAddress, serve
 
 log = logging.getLogger("optichannel.client")
@@ -88,8 +86,6 @@ STATUSES = (FUNDING, OPEN, CLOSING, CLOSED)
 YIELD_QUIET = 0.005
 #: After winning a conflict, the longest a party waits for the peer to take its turn.
 YIELD_HOLD = 0.05
-#: Batches up to this many store operations commit on the Trio thread (no hand-off).
-INLINE_COMMIT_OPS = 4
 
 
 @attrs.frozen(kw_only=True)
@@ -187,13 +183,9 @@ class Client:
         )
         self._waiters: dict[int, _Waiter] = {}
         self._next_update = 0
-        self._ops: list[StoreOp] = []
-        self._sends: list[tuple[bytes, bytes]] = []
-        self._notes: list[Output] = []
-        self._wake = trio.Event()
         self._listeners: list[StateListener] = []
         self._nursery: trio.Nursery | None = None
-        self._idle = trio.Event()
+        self.outbox = Outbox(store, self.links, on_note=self._notify, on_durable=self._on_durable)
         self._load()
 
     # -- public API ---------------------------------------------------------
@@ -261,7 +253,7 @@ class Client:
         )
         status = FUNDING if self.require_funding else OPEN
         self._channels[params.channel_id] = _Channel(machine, node_id, addr, status)
-        self._ops.append(
+        self.outbox.add_op(
             PersistChannel(params=params, me=0, peer_node_id=node_id, peer_addr=addr, status=status)
         )
         waiter = self._waiters[uid] = _Waiter(trio.current_time() + self.update_timeout)
@@ -404,8 +396,7 @@ class Client:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         self._channel(channel_id).status = status
-        self._ops.append(PersistStatus(channel_id=channel_id, status=status))
-        self._wake.set()
+        self.outbox.add_op(PersistStatus(channel_id=channel_id, status=status))
 
     def me(self, channel_id: bytes) -> int:
         """Our participant index (0 or 1) in the channel."""
@@ -495,42 +486,7 @@ class Client:
     # -- internals: the outbox -----------------------------------------------
 
     def _emit(self, peer: bytes, outputs: Sequence[Output]) -> None:
-        for out in outputs:
-            if isinstance(out, PersistProposal | PersistLatest | PersistDropProposals):
-                self._ops.append(out)
-            elif isinstance(out, SendMessage):
-                self._sends.append((peer, codec.encode(out.msg)))
-            else:
-                self._notes.append(out)
-        self._wake.set()
-
-    async def _flusher(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            ops, sends, notes = self._ops, self._sends, self._notes
-            self._ops, self._sends, self._notes = [], [], []
-            if ops:
-                # Persist, then send: nothing below leaves before this fsync returns.
-                if len(ops) <= INLINE_COMMIT_OPS:
-                    # A small batch (lock-step traffic): the thread hand-off would cost
-                    # more than it saves; nothing else is waiting for the loop anyway.
-                    self.store.apply(ops)
-                else:
-                    await trio.to_thread.run_sync(self.store.apply, ops)
-            by_peer: dict[bytes, list[bytes]] = {}
-            for peer, frame in sends:
-                by_peer.setdefault(peer, []).append(frame)
-            for node_id, frames in by_peer.items():
-                # Offline or stalled: the reconnect Sync carries everything that matters.
-                await self.links.queue(node_id, frames)
-            for note in notes:
-                self._notify(note)
-            for op in ops:
-                if isinstance(op, PersistLatest):
-                    self._on_durable(op)
-            if not (self._ops or self._sends or self._notes):
-                self._idle.set()
+        self.outbox.emit(peer, outputs)
 
     def _on_durable(self, op: PersistLatest) -> None:
         ch = self._channels.get(op.params.channel_id)
@@ -591,8 +547,7 @@ class Client:
             raise
         except ChannelError as exc:  # whatever the peer sent, it is refused, never fatal
             log.info("from %s: %s", node_id.hex()[:16], exc)
-            self._sends.append((node_id, codec.encode(Error(reason=str(exc)[:200]))))
-            self._wake.set()
+            self.outbox.add_send(node_id, codec.encode(Error(reason=str(exc)[:200])))
             return False
         return True
 
@@ -642,27 +597,20 @@ class Client:
             raise UnknownPeer("Open comes from a key that is not its first participant")
         reason = _ask_policy(self.open_policy, params, msg.state) if self.open_policy else None
         if reason is not None:
-            self._sends.append(
-                (
-                    node_id,
-                    codec.encode(
-                        Reject(
-                            channel_id=cid,
-                            version=0,
-                            state_hash=_open_hash(params, msg.state),
-                            reason=f"UpdateRejected: {reason}",
-                        )
-                    ),
-                )
+            refusal = Reject(
+                channel_id=cid,
+                version=0,
+                state_hash=_open_hash(params, msg.state),
+                reason=f"UpdateRejected: {reason}",
             )
-            self._wake.set()
+            self.outbox.add_send(node_id, codec.encode(refusal))
             return
         machine, outputs = ChannelMachine.accept_open(
             msg=msg, me=1, sign=self.signer.sign, policy=self.policy, window=self.window
         )
         status = FUNDING if self.require_funding else OPEN
         self._channels[cid] = _Channel(machine, node_id, None, status)
-        self._ops.append(PersistChannel(params=params, me=1, peer_node_id=node_id, status=status))
+        self.outbox.add_op(PersistChannel(params=params, me=1, peer_node_id=node_id, status=status))
         self._emit(node_id, outputs)
 
     # -- lifecycle ------------------------------------------------------------
@@ -673,7 +621,7 @@ class Client:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.links.attach(nursery)
-            nursery.start_soon(self._flusher)
+            nursery.start_soon(self.outbox.run)
             nursery.start_soon(self._sweeper)
             if port is not None:
                 self.listening = await nursery.start(
@@ -685,16 +633,11 @@ class Client:
             task_status.started()
 
     async def remember_peer_address(self, channel_id: bytes, address: PeerAddress) -> None:
-        self._ops.append(PersistPeerAddress(channel_id=channel_id, peer_addr=str(address)))
-        self._wake.set()
+        self.outbox.add_op(PersistPeerAddress(channel_id=channel_id, peer_addr=str(address)))
 
     async def drain(self) -> None:
         """Wait until everything emitted so far is durable and handed to the sockets."""
-        while self._ops or self._sends or self._notes:
-            if self._idle.is_set():
-                self._idle = trio.Event()
-            self._wake.set()
-            await self._idle.wait()
+        await self.outbox.drain()
         await trio.lowlevel.checkpoint()
 
 

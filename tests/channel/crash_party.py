@@ -46,6 +46,7 @@ from channel.eip712 import state_digest
 from channel.errors import ChannelError
 from channel.keys import Signer
 from channel.machine import PersistLatest
+from channel.outbox import Outbox
 from channel.state import ETH
 from channel.transport import PeerAddress
 
@@ -140,29 +141,29 @@ class Payer:
                 self.idle.set()
 
 
-async def _flusher_send_before_persist(self: Client) -> None:
-    """TEST-ONLY FAULT: ``Client._flusher`` with the frames sent *before* the fsync,
+async def _flusher_send_before_persist(self: Outbox) -> None:
+    """TEST-ONLY FAULT: ``Outbox.run`` with the frames sent *before* the fsync,
     and a 20 ms gap between the two, so a SIGKILL lands in between."""
     while True:
-        await self._wake.wait()
-        self._wake = trio.Event()
-        ops, sends, notes = self._ops, self._sends, self._notes
-        self._ops, self._sends, self._notes = [], [], []
+        await self.wake.wait()
+        self.wake = trio.Event()
+        ops, sends, notes = self.ops, self.sends, self.notes
+        self.ops, self.sends, self.notes = [], [], []
         for node_id, frame in sends:
             await self.links.queue(node_id, [frame])
         await trio.sleep(0.02)
         if ops:
             await trio.to_thread.run_sync(self.store.apply, ops)
         for note in notes:
-            self._notify(note)
+            self.on_note(note)
         for op in ops:
             if isinstance(op, PersistLatest):
-                self._on_durable(op)
+                self.on_durable(op)
 
 
 async def main(args: argparse.Namespace) -> None:
     if os.environ.get(FAULT_ENV) == "send-before-persist":
-        Client._flusher = _flusher_send_before_persist  # type: ignore[method-assign]
+        Outbox.run = _flusher_send_before_persist  # type: ignore[method-assign]
     signer = Signer.from_bytes(bytes.fromhex(os.environ[SECRET_ENV]))
     peer = PeerAddress.parse(args.peer) if args.peer else None
     port = args.listen if args.role == "responder" else None
