@@ -138,6 +138,23 @@ def run_trio(fn: Callable[..., Any], *args: Any) -> Any:
     return trio.run(fn, *args)
 
 
+def finish_pair(conn: Any, main: Any, other: Any, timeout: float, what: str) -> Any:
+    """The result ``main`` reports on ``conn``; then both children must exit cleanly.
+
+    If ``main`` fails to report, ``other`` is terminated and the error propagates."""
+    try:
+        result = wait_result(conn, main, timeout, what)
+    except BaseException:
+        other.terminate()
+        raise
+    main.join(30)
+    other.join(30)
+    for p in (main, other):
+        if p.exitcode != 0:
+            raise RuntimeError(f"child exited with {p.exitcode}")
+    return result
+
+
 def wait_result(conn: Any, proc: Any, timeout: float, what: str) -> Any:
     """Receive from ``conn``; fail fast if ``proc`` dies first."""
     deadline = time.monotonic() + timeout

@@ -38,10 +38,10 @@ from _common import (
     Profiler,
     StoreCounter,
     delta,
+    finish_pair,
     log,
     machine_info,
     run_trio,
-    wait_result,
 )
 
 ETH = BALANCES[0][0]
@@ -236,16 +236,7 @@ def main() -> None:
             ),
         )
         maker.start()
-        try:
-            r: dict[str, Any] = wait_result(m_parent, maker, 600, "the maker")
-        except BaseException:
-            peers.terminate()
-            raise
-        maker.join(30)
-        peers.join(30)
-        for p in (maker, peers):
-            if p.exitcode != 0:
-                raise RuntimeError(f"child exited with {p.exitcode}")
+        r: dict[str, Any] = finish_pair(m_parent, maker, peers, 600, "the maker")
 
     rate = r["updates"] / r["seconds"]
     log(f"  {r['updates']} pays, {r['channels']} channels: {r['seconds']:.2f}s = {rate:,.0f}/s")

@@ -44,6 +44,7 @@ from _common import (
     StoreCounter,
     cpu_seconds,
     delta,
+    finish_pair,
     install_receive_yield_experiment,
     log,
     machine_info,
@@ -270,16 +271,7 @@ def run_channel(
             ),
         )
         alice.start()
-        try:
-            result: dict[str, Any] = wait_result(alice_parent, alice, 600, "alice")
-        except BaseException:
-            bob.terminate()
-            raise
-        alice.join(30)
-        bob.join(30)
-        for p in (alice, bob):
-            if p.exitcode != 0:
-                raise RuntimeError(f"child exited with {p.exitcode}")
+        result: dict[str, Any] = finish_pair(alice_parent, alice, bob, 600, "alice")
     return result
 
 
