@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -111,13 +112,30 @@ class ChannelInfo:
 
 
 class _Waiter:
-    __slots__ = ("deadline", "event", "result", "timed_out")
+    """One update: waiting in line for window room (``fn`` set), then in flight."""
 
-    def __init__(self, deadline: float) -> None:
+    __slots__ = (
+        "cancelled",
+        "deadline",
+        "error",
+        "event",
+        "fn",
+        "go",
+        "result",
+        "stalled",
+        "timed_out",
+    )
+
+    def __init__(self, deadline: float, fn: UpdateFn | None = None) -> None:
         self.deadline = deadline
         self.event = trio.Event()
+        self.fn = fn
         self.result: NotifyAccepted | NotifyRejected | None = None
-        self.timed_out = False
+        self.error: Exception | None = None  # raised by fn or the machine when proposing
+        self.go = False  # handed the turn: the caller proposes itself (the careful path)
+        self.stalled = False  # waited update_timeout in line with no progress at all
+        self.timed_out = False  # proposed, but no answer within update_timeout
+        self.cancelled = False  # the caller went away while in line
 
 
 class _Channel:
@@ -133,12 +151,11 @@ class _Channel:
         self.peer_node_id = peer_node_id
         self.peer_addr = peer_addr
         self.durable: SignedState | None = machine.latest
-        # Callers waiting for room in the pipeline window, first come first served: each
-        # resolved proposal frees one slot and wakes one caller.
-        self.room = trio.lowlevel.ParkingLot()
+        # Updates waiting for room in the pipeline window, first come first served: each
+        # resolved proposal frees one slot, and the client proposes the next update in
+        # line right there (no task switch to its caller until it is co-signed).
+        self.queue: deque[_Waiter] = deque()
         self.last_progress = trio.current_time()  # when a proposal of ours last resolved
-        self.parked = 0  # callers waiting for room
-        self.stalled = False  # set by the sweeper: no progress for update_timeout
         self.last_incoming = -math.inf  # trio time of the last proposal we accepted
         self.conflict_at = -math.inf  # trio time of the last conflict we saw
         self.turn_given_at = -math.inf  # the conflict after which we last gave a turn
@@ -266,38 +283,42 @@ class Client:
 
         ``fn`` gets the state the proposal builds on (the latest co-signed one, or our
         last in-flight proposal when pipelining) and may be called again if the update
-        has to be retried after a conflict.  Raises ``UpdateRejected`` (the peer or its
-        policy refused), ``LocalProtocolError`` (``fn`` broke conservation, or the
-        channel is final), ``PeerTimeout`` (no answer within ``update_timeout``: the
-        outcome is settled on reconnect).
+        has to be retried after a conflict.  When the pipeline window is full the update
+        waits in line, and ``fn`` runs when its turn comes.  Raises ``UpdateRejected``
+        (the peer or its policy refused), ``LocalProtocolError`` (``fn`` broke
+        conservation, or the channel is final), ``PeerTimeout`` (no answer within
+        ``update_timeout``: the outcome is settled on reconnect); whatever ``fn`` raises
+        is raised here.
         """
         ch = self._channel(channel_id)
         deadline = trio.current_time() + self.update_timeout
+        granted = False  # the pump handed us the turn: skip the line
         while True:
             if ch.status != OPEN:
                 raise LocalProtocolError(f"channel {channel_id.hex()[:16]} is {ch.status}")
-            if ch.machine.window_full() or not ch.machine.is_open:
-                await self._wait_for_room(ch)
-                continue
-            if not ch.machine.should_yield and ch.conflict_at > ch.turn_given_at:
-                # We won the last conflict: give the peer one turn (its burst, until a
-                # quiet gap) before proposing again, for at most YIELD_HOLD.
-                await self._give_turn(ch, deadline)
-                if ch.machine.window_full():
+            m = ch.machine
+            if not granted and (ch.queue or m.window_full() or not m.is_open or self._held(ch)):
+                w = _Waiter(trio.current_time() + self.update_timeout, fn)
+                ch.queue.append(w)
+                self._pump(ch)
+                await self._wait(ch, w)
+                if w.go:
+                    granted = True
                     continue
-            upd = fn(ch.machine.tip())
-            uid = self._new_update_id()
-            outputs = ch.machine.handle(
-                ActionPropose(
-                    update_id=uid,
-                    allocations=upd.allocations,
-                    app_data=upd.app_data,
-                    is_final=upd.is_final,
-                )
-            )
-            waiter = self._waiters[uid] = _Waiter(trio.current_time() + self.update_timeout)
-            self._emit(ch.peer_node_id, outputs)
-            result = await self._await_result(waiter, channel_id, -1)
+            else:
+                granted = False
+                if self._held(ch):
+                    # We won the last conflict: give the peer one turn (its burst, until a
+                    # quiet gap) before proposing again, for at most YIELD_HOLD.
+                    await self._give_turn(ch, deadline)
+                    if m.window_full() or not m.is_open:
+                        continue
+                w = _Waiter(0.0, fn)
+                self._propose(ch, w)
+                await self._wait(ch, w)
+            if w.error is not None:
+                raise w.error
+            result = await self._result(w, channel_id, -1)
             if isinstance(result, NotifyAccepted):
                 return result.signed
             if not result.retryable:
@@ -312,11 +333,68 @@ class Client:
                     reason="conflict",
                 )
             ch.conflict_at = trio.current_time()
-            if ch.machine.should_yield:
+            if m.should_yield:
                 # Let the peer (lower address) finish its burst: wait for a quiet gap in
                 # its proposals, but never longer than YIELD_HOLD (no starvation).
                 with trio.move_on_after(YIELD_HOLD):
                     await self._quiet_gap(ch)
+
+    def _held(self, ch: _Channel) -> bool:
+        """We won the last conflict and have not yet given the peer its turn."""
+        return not ch.machine.should_yield and ch.conflict_at > ch.turn_given_at
+
+    def _propose(self, ch: _Channel, w: _Waiter) -> None:
+        """Propose ``w``'s update now; a failure (``fn`` raised, conservation) goes to
+        ``w.error`` and wakes its caller."""
+        assert w.fn is not None
+        try:
+            upd = w.fn(ch.machine.tip())
+            uid = self._new_update_id()
+            outputs = ch.machine.handle(
+                ActionPropose(
+                    update_id=uid,
+                    allocations=upd.allocations,
+                    app_data=upd.app_data,
+                    is_final=upd.is_final,
+                )
+            )
+        except Exception as exc:  # the caller's own fn: its error is the caller's
+            w.error = exc
+            w.event.set()
+            return
+        w.deadline = trio.current_time() + self.update_timeout
+        self._waiters[uid] = w
+        self._emit(ch.peer_node_id, outputs)
+
+    def _pump(self, ch: _Channel) -> None:
+        """Propose the updates in line while the window has room (group commit then
+        takes them all at once).  An update that needs the careful path (turn-taking
+        after a conflict) is handed back to its caller instead, and the line stops
+        there until that one resolves."""
+        m = ch.machine
+        while ch.queue and m.is_open and not m.window_full():
+            w = ch.queue.popleft()
+            if w.cancelled:
+                continue
+            if ch.status != OPEN or self._held(ch):
+                w.go = True
+                w.event.set()
+                return
+            self._propose(ch, w)
+
+    async def _wait(self, ch: _Channel, w: _Waiter) -> None:
+        try:
+            await w.event.wait()
+        except BaseException:
+            w.cancelled = True
+            if w.go:
+                self._pump(ch)  # we were handed the turn: pass it on
+            raise
+        if w.stalled:
+            raise PeerTimeout(
+                f"channel {ch.machine.channel_id.hex()[:16]}: the pipeline window has "
+                f"been full for {self.update_timeout}s with no answer from the peer"
+            )
 
     async def _quiet_gap(self, ch: _Channel) -> None:
         """Return after YIELD_QUIET seconds with no proposal accepted from the peer."""
@@ -335,23 +413,8 @@ class Client:
             await self._quiet_gap(ch)
         ch.turn_given_at = max(ch.turn_given_at, conflict_at)
 
-    async def _wait_for_room(self, ch: _Channel) -> None:
-        """Park until a slot of the window frees up.  Queueing is not a timeout: only
-        ``update_timeout`` without *any* proposal of the channel resolved is (the
-        sweeper then wakes everyone with ``ch.stalled`` set)."""
-        ch.parked += 1
-        try:
-            await ch.room.park()
-        finally:
-            ch.parked -= 1
-        if ch.stalled:
-            raise PeerTimeout(
-                f"channel {ch.machine.channel_id.hex()[:16]}: the pipeline window has "
-                f"been full for {self.update_timeout}s with no answer from the peer"
-            )
-
     async def _sweeper(self) -> None:
-        """Time out waiters and stalled windows, so the hot path needs no cancel scopes."""
+        """Time out waiters and stalled lines, so the hot path needs no cancel scopes."""
         step = max(0.01, min(0.25, self.update_timeout / 8))
         while True:
             await trio.sleep(step)
@@ -362,9 +425,17 @@ class Client:
                     w.timed_out = True
                     w.event.set()
             for ch in self._channels.values():
-                ch.stalled = bool(ch.parked) and now - ch.last_progress >= self.update_timeout
-                if ch.stalled:
-                    ch.room.unpark_all()
+                # Waiting in line is not a timeout; waiting update_timeout with no
+                # proposal of the channel resolved in that time is.
+                if (
+                    ch.queue
+                    and ch.queue[0].deadline <= now
+                    and now - ch.last_progress >= self.update_timeout
+                ):
+                    for w in ch.queue:
+                        w.stalled = True
+                        w.event.set()
+                    ch.queue.clear()
 
     async def pay(self, channel_id: bytes, asset: bytes, amount: int) -> SignedState:
         """Move ``amount`` of ``asset`` from us to the peer."""
@@ -467,6 +538,12 @@ class Client:
         self, waiter: _Waiter, channel_id: bytes, version: int
     ) -> NotifyAccepted | NotifyRejected:
         await waiter.event.wait()
+        return await self._result(waiter, channel_id, version)
+
+    async def _result(
+        self, waiter: _Waiter, channel_id: bytes, version: int
+    ) -> NotifyAccepted | NotifyRejected:
+        """The outcome of a proposal whose waiter has fired (``version`` 0: the open)."""
         if waiter.timed_out:
             self._waiters = {k: w for k, w in self._waiters.items() if w is not waiter}
             ch = self._channels.get(channel_id)
@@ -514,11 +591,7 @@ class Client:
             ch = self._channels.get(cid)
             if ch is not None:
                 ch.last_progress = trio.current_time()
-                ch.stalled = False
-                if note.signed.state.version == 0 if isinstance(note, NotifyAccepted) else False:
-                    ch.room.unpark_all()  # the channel just opened: everyone may go
-                else:
-                    ch.room.unpark()  # one slot freed: one caller goes
+                self._pump(ch)  # a slot freed (or the channel just opened)
         elif isinstance(note, NotifyReceived):
             ch = self._channels.get(note.signed.state.channel_id)
             if ch is not None:

@@ -142,12 +142,19 @@ class PersistProposal:
     signature: bytes
 
 
+#: How the store writes a ``PersistLatest`` (the machine knows, so the store need not look):
+#: a version we never signed (a plain insert), our own in-flight proposal now
+#: countersigned (complete that row), or anything else (check against what is stored).
+ROW_NEW, ROW_OWN, ROW_CHECK = "new", "own", "check"
+
+
 @attrs.frozen(kw_only=True)
 class PersistLatest:
     """A new latest co-signed state; also retires our proposals up to its version."""
 
     params: Params
     signed: SignedState
+    row: str = ROW_CHECK
 
 
 @attrs.frozen(kw_only=True)
@@ -326,7 +333,7 @@ class ChannelMachine:
         )
         accept = Accept(channel_id=params.channel_id, version=0, signature=sigs[me] or b"")
         return m, [
-            PersistLatest(params=params, signed=signed),
+            PersistLatest(params=params, signed=signed, row=ROW_NEW),
             SendMessage(accept),
             NotifyReceived(signed=signed),
         ]
@@ -451,7 +458,7 @@ class ChannelMachine:
         self.max_signed = state.version
         return [
             *out,
-            PersistLatest(params=self.params, signed=signed),
+            PersistLatest(params=self.params, signed=signed, row=ROW_NEW),
             SendMessage(
                 Accept(channel_id=self.params.channel_id, version=state.version, signature=my_sig)
             ),
@@ -539,7 +546,7 @@ class ChannelMachine:
         self.latest = signed
         self.pending.pop(0)
         return [
-            PersistLatest(params=self.params, signed=signed),
+            PersistLatest(params=self.params, signed=signed, row=ROW_OWN),
             NotifyAccepted(update_id=head.update_id, signed=signed),
         ]
 

@@ -23,7 +23,7 @@ is refused with ``StoreError`` rather than guessed at.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -33,8 +33,15 @@ import cbor2
 from channel import codec
 from channel.eip712 import state_digest
 from channel.errors import StoreError
-from channel.machine import InFlight, PersistDropProposals, PersistLatest, PersistProposal
-from channel.state import Params, SignedState
+from channel.machine import (
+    ROW_NEW,
+    ROW_OWN,
+    InFlight,
+    PersistDropProposals,
+    PersistLatest,
+    PersistProposal,
+)
+from channel.state import Params, SignedState, State
 
 SCHEMA_VERSION = 1
 IN_FLIGHT, COSIGNED, BURNED = 0, 1, 2
@@ -118,8 +125,8 @@ class ChannelRecord:
     status: str
 
 
-def _state_blob(signed_state: object) -> bytes:
-    return cbor2.dumps(signed_state, canonical=True)
+def _state_blob(state: State) -> bytes:
+    return cbor2.dumps(codec.state_to_wire(state), canonical=True)
 
 
 class Store:
@@ -177,7 +184,10 @@ class Store:
     # -- writes -----------------------------------------------------------------
 
     def apply(self, ops: Sequence[StoreOp]) -> None:
-        """Apply ``ops`` in order in one transaction and fsync; all or nothing."""
+        """Apply ``ops`` in order in one transaction and fsync; all or nothing.
+
+        Runs of the hot-path operations (proposals, fresh co-signed states, our own
+        proposals countersigned) go to SQLite as one ``executemany`` each."""
         if not ops:
             return
         db = self._db
@@ -185,8 +195,20 @@ class Store:
             db.execute("BEGIN IMMEDIATE")
             try:
                 batch = _Batch()
+                run: list[Any] = []
+                run_kind: object = None
                 for op in ops:
-                    _APPLY[type(op)](db, op, batch)
+                    kind = _run_kind(op)
+                    if kind is not run_kind and run:
+                        _RUNS[run_kind](db, run, batch)
+                        run = []
+                    run_kind = kind
+                    if kind is None:
+                        _APPLY[type(op)](db, op, batch)
+                    else:
+                        run.append(op)
+                if run:
+                    _RUNS[run_kind](db, run, batch)
                 _finish(db, batch)
                 db.execute("COMMIT")
             except BaseException:
@@ -315,37 +337,89 @@ class _Batch:
     def __init__(self) -> None:
         self.max_signed: dict[bytes, int] = {}
         self.latest: dict[bytes, int] = {}
+        self.burn_below: dict[bytes, int] = {}
 
 
-def _put_proposal(db: sqlite3.Connection, op: PersistProposal, batch: _Batch) -> None:
-    cid = op.params.channel_id
-    s0, s1 = _sig_columns(op.me, op.signature)
-    v = op.state.version
-    cur = db.execute(
-        "INSERT INTO states (channel_id, version, base_version, state, sig0, sig1, status) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        (cid, v, op.base_version, _state_blob(codec.state_to_wire(op.state)), s0, s1, IN_FLIGHT),
-    )
-    if cur.rowcount != 1:
-        raise StoreError(f"channel {cid.hex()[:16]}: v{v} already signed (rule S)")
+def _note_latest(batch: _Batch, cid: bytes, v: int) -> None:
+    if v <= batch.latest.get(cid, -1):
+        raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
+    batch.latest[cid] = v
     batch.max_signed[cid] = max(v, batch.max_signed.get(cid, 0))
 
 
+_INSERT_STATE = (
+    "INSERT INTO states (channel_id, version, base_version, state, sig0, sig1, status) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _insert_run(
+    db: sqlite3.Connection, run: list[PersistProposal | PersistLatest], batch: _Batch
+) -> None:
+    """Versions we sign for the first time: our proposals and the peer's proposals we
+    countersign.  A row already there means we signed that version before: rule S
+    forbids a second state, so the whole batch is refused."""
+    rows = []
+    for op in run:
+        cid = op.params.channel_id
+        if isinstance(op, PersistProposal):
+            v = op.state.version
+            s0, s1 = _sig_columns(op.me, op.signature)
+            rows.append((cid, v, op.base_version, _state_blob(op.state), s0, s1, IN_FLIGHT))
+            batch.max_signed[cid] = max(v, batch.max_signed.get(cid, 0))
+        else:
+            st = op.signed.state
+            v = st.version
+            _note_latest(batch, cid, v)
+            sig0, sig1 = op.signed.signatures
+            rows.append((cid, v, v - 1 if v else 0, _state_blob(st), sig0, sig1, COSIGNED))
+    try:
+        db.executemany(_INSERT_STATE, rows)
+    except sqlite3.IntegrityError:
+        first = run[0].params.channel_id.hex()[:16]
+        raise StoreError(
+            f"channel {first}: a version in v{rows[0][1]}..v{rows[-1][1]} "
+            "is already signed (rule S)"
+        ) from None
+
+
+def _complete_run(db: sqlite3.Connection, run: list[PersistLatest], batch: _Batch) -> None:
+    """Our own in-flight proposals, now countersigned: add the peer's signature to the
+    very row we wrote before sending (no re-encoding; the machine names the row)."""
+    rows = []
+    for op in run:
+        cid = op.params.channel_id
+        v = op.signed.state.version
+        _note_latest(batch, cid, v)
+        sig0, sig1 = op.signed.signatures
+        rows.append((sig0, sig1, COSIGNED, cid, v, IN_FLIGHT))
+    cur = db.executemany(
+        "UPDATE states SET sig0=?, sig1=?, status=? WHERE channel_id=? AND version=? AND status=?",
+        rows,
+    )
+    if cur.rowcount != len(rows):
+        first = run[0].params.channel_id.hex()[:16]
+        raise StoreError(
+            f"channel {first}: v{rows[0][4]!r}..v{rows[-1][4]!r} "
+            "are not all our in-flight proposals"
+        )
+
+
 def _put_latest(db: sqlite3.Connection, op: PersistLatest, batch: _Batch) -> None:
+    """Any other co-signed state (adopted on resync): it may complete a state we signed
+    at that version, but only that very state (rule S)."""
     cid = op.params.channel_id
     s = op.signed
     v = s.state.version
-    if v <= batch.latest.get(cid, -1):
-        raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
-    blob = _state_blob(codec.state_to_wire(s.state))
+    _note_latest(batch, cid, v)
+    batch.burn_below[cid] = v
+    blob = _state_blob(s.state)
     sig0, sig1 = s.signatures
     cur = db.execute(
-        "INSERT INTO states (channel_id, version, base_version, state, sig0, sig1, status) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        _INSERT_STATE + " ON CONFLICT DO NOTHING",
         (cid, v, v - 1 if v else 0, blob, sig0, sig1, COSIGNED),
     )
     if cur.rowcount != 1:
-        # We signed this version before (our own proposal): complete that very state only.
         cur = db.execute(
             "UPDATE states SET sig0=?, sig1=?, status=? "
             "WHERE channel_id=? AND version=? AND state=?",
@@ -355,8 +429,6 @@ def _put_latest(db: sqlite3.Connection, op: PersistLatest, batch: _Batch) -> Non
             raise StoreError(
                 f"channel {cid.hex()[:16]}: v{v} differs from the state we signed there (rule S)"
             )
-    batch.latest[cid] = v
-    batch.max_signed[cid] = max(v, batch.max_signed.get(cid, 0))
 
 
 def _finish(db: sqlite3.Connection, batch: _Batch) -> None:
@@ -368,6 +440,8 @@ def _finish(db: sqlite3.Connection, batch: _Batch) -> None:
         )
         if cur.rowcount != 1:
             raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
+    for cid, v in batch.burn_below.items():
+        # An adopted state retires whatever we still had in flight below it.
         db.execute(
             "UPDATE states SET status=? WHERE channel_id=? AND status=? AND version<?",
             (BURNED, cid, IN_FLIGHT, v),
@@ -390,11 +464,26 @@ _APPLY: dict[type, Callable[[sqlite3.Connection, Any, _Batch], None]] = {
     PersistChannel: _put_channel,
     PersistStatus: _put_status,
     PersistPeerAddress: _put_peer_addr,
-    PersistProposal: _put_proposal,
     PersistLatest: _put_latest,
     PersistDropProposals: _drop_proposals,
 }
 
+_INSERT, _COMPLETE = object(), object()
+_RUNS: dict[object, Callable[[sqlite3.Connection, Any, _Batch], None]] = {
+    _INSERT: _insert_run,
+    _COMPLETE: _complete_run,
+}
 
-def ops_only(items: Iterable[object]) -> list[StoreOp]:
-    return [i for i in items if type(i) in _APPLY]  # type: ignore[misc]
+
+def _run_kind(op: object) -> object:
+    """Which run an op joins (``None``: applied on its own)."""
+    t = type(op)
+    if t is PersistProposal:
+        return _INSERT
+    if t is PersistLatest:
+        row = op.row  # type: ignore[attr-defined]
+        if row == ROW_NEW:
+            return _INSERT
+        if row == ROW_OWN:
+            return _COMPLETE
+    return None
