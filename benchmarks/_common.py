@@ -62,8 +62,8 @@ def cpu_seconds() -> float:
 
 
 class StoreCounter:
-    """Counts ``Store.apply`` commits (one SQLite transaction = one WAL fsync with
-    ``synchronous=FULL``), the ops they carry and the wall time spent in them."""
+    """Counts store commits (one SQLite transaction = one WAL fsync with
+    ``synchronous=FULL``), the ops they carry and the wall time spent committing."""
 
     def __init__(self) -> None:
         self.commits = 0
@@ -74,22 +74,27 @@ class StoreCounter:
     def install(self) -> None:
         from channel.store import Store
 
-        original = Store.apply
+        prepare, commit = Store.prepare, Store.commit
         counter = self
 
-        def apply(store: Store, ops: Any) -> None:
+        def counting_prepare(store: Store, ops: Any) -> Any:
+            with counter._lock:
+                counter.ops += len(ops)
+            return prepare(store, ops)
+
+        def timed_commit(store: Store, plan: Any) -> None:
             t0 = time.perf_counter()
             try:
-                original(store, ops)
+                commit(store, plan)
             finally:
                 dt = time.perf_counter() - t0
-                if ops:
+                if plan.steps:
                     with counter._lock:
                         counter.commits += 1
-                        counter.ops += len(ops)
                         counter.seconds += dt
 
-        Store.apply = apply  # type: ignore[method-assign]
+        Store.prepare = counting_prepare  # type: ignore[method-assign]
+        Store.commit = timed_commit  # type: ignore[method-assign]
 
     def snapshot(self) -> dict[str, float]:
         ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -588,6 +588,10 @@ def main() -> None:
             )
             for who in ("alice", "bob")
         },
+        "cpu_sys_ms_per_update_pipelined": {
+            who: round(pipe[who]["cpu_sys_s"] * 1000 / pipe["updates"], 4)
+            for who in ("alice", "bob")
+        },
         "store_apply_wall_share_pipelined": {
             who: round(share(pipe, who, "apply_s"), 3) for who in ("alice", "bob")
         },

@@ -25,8 +25,10 @@ from channel.machine import (
 )
 from channel.store import Store, StoreOp
 
-#: Batches up to this many store operations commit on the Trio thread (no hand-off).
-INLINE_COMMIT_OPS = 4
+#: Batches up to this many store operations commit on the Trio thread: lock-step traffic,
+#: where the thread hand-off would cost more than it saves.  Larger batches commit in a
+#: worker thread so that the loop keeps working (reading, verifying, signing) meanwhile.
+INLINE_COMMIT_OPS = 2
 
 
 class Outbox:
@@ -81,12 +83,13 @@ class Outbox:
             self.ops, self.sends, self.notes = [], [], []
             if ops:
                 # Persist, then send: nothing below leaves before this fsync returns.
+                # The plan (encoding, checks) is built here; the worker thread then
+                # only runs SQL, so it seldom holds the GIL the loop needs.
+                plan = self.store.prepare(ops)
                 if len(ops) <= INLINE_COMMIT_OPS:
-                    # A small batch (lock-step traffic): the thread hand-off would cost
-                    # more than it saves; nothing else is waiting for the loop anyway.
-                    self.store.apply(ops)
+                    self.store.commit(plan)
                 else:
-                    await trio.to_thread.run_sync(self.store.apply, ops)
+                    await trio.to_thread.run_sync(self.store.commit, plan)
             by_peer: dict[bytes, list[bytes]] = {}
             for peer, frame in sends:
                 by_peer.setdefault(peer, []).append(frame)

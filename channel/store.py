@@ -184,32 +184,48 @@ class Store:
     # -- writes -----------------------------------------------------------------
 
     def apply(self, ops: Sequence[StoreOp]) -> None:
-        """Apply ``ops`` in order in one transaction and fsync; all or nothing.
+        """Apply ``ops`` in order in one transaction and fsync; all or nothing."""
+        self.commit(self.prepare(ops))
+
+    def prepare(self, ops: Sequence[StoreOp]) -> Plan:
+        """Turn ``ops`` into the SQL of one transaction (encoding, checks that need no
+        database).  Pure Python: run it on the caller's thread, and :meth:`commit` the
+        plan in a worker thread, where it holds the GIL only between SQLite calls.
 
         Runs of the hot-path operations (proposals, fresh co-signed states, our own
-        proposals countersigned) go to SQLite as one ``executemany`` each."""
-        if not ops:
+        proposals countersigned) become one ``executemany`` each.  Raises ``StoreError``
+        (e.g. a latest that would roll back)."""
+        steps: list[Step] = []
+        batch = _Batch()
+        run: list[Any] = []
+        run_kind: object = None
+        for op in ops:
+            kind = _run_kind(op)
+            if kind is not run_kind and run:
+                steps.append(_RUNS[run_kind](run, batch))
+                run = []
+            run_kind = kind
+            if kind is None:
+                steps.append(_APPLY[type(op)](op, batch))
+            else:
+                run.append(op)
+        if run:
+            steps.append(_RUNS[run_kind](run, batch))
+        if steps:
+            steps.extend(_finish(batch))
+        return Plan(steps)
+
+    def commit(self, plan: Plan) -> None:
+        """Run ``plan`` in one transaction and fsync (``synchronous=FULL``); all or
+        nothing.  Raises ``StoreError``."""
+        if not plan.steps:
             return
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                batch = _Batch()
-                run: list[Any] = []
-                run_kind: object = None
-                for op in ops:
-                    kind = _run_kind(op)
-                    if kind is not run_kind and run:
-                        _RUNS[run_kind](db, run, batch)
-                        run = []
-                    run_kind = kind
-                    if kind is None:
-                        _APPLY[type(op)](db, op, batch)
-                    else:
-                        run.append(op)
-                if run:
-                    _RUNS[run_kind](db, run, batch)
-                _finish(db, batch)
+                for step in plan.steps:
+                    step(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -301,11 +317,28 @@ class Store:
         self._db.close()
 
 
-# -- op appliers (one per op type) --------------------------------------------
+# -- plans: one builder per op type, each returning the SQL step it needs ------
+
+#: One step of a transaction; raises ``StoreError`` when a check on the rows fails.
+Step: TypeAlias = Callable[[sqlite3.Connection], None]
 
 
-def _put_channel(db: sqlite3.Connection, op: PersistChannel, batch: _Batch) -> None:
-    db.execute(
+@attrs.frozen
+class Plan:
+    """The SQL of one group commit, built by :meth:`Store.prepare`."""
+
+    steps: list[Step]
+
+
+def _sql(sql: str, args: tuple[Any, ...]) -> Step:
+    def step(db: sqlite3.Connection) -> None:
+        db.execute(sql, args)
+
+    return step
+
+
+def _put_channel(op: PersistChannel, batch: _Batch) -> Step:
+    return _sql(
         "INSERT INTO channels (channel_id, params, me, peer_node_id, peer_addr, status) "
         "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id) DO NOTHING",
         (
@@ -319,12 +352,12 @@ def _put_channel(db: sqlite3.Connection, op: PersistChannel, batch: _Batch) -> N
     )
 
 
-def _put_status(db: sqlite3.Connection, op: PersistStatus, batch: _Batch) -> None:
-    db.execute("UPDATE channels SET status=? WHERE channel_id=?", (op.status, op.channel_id))
+def _put_status(op: PersistStatus, batch: _Batch) -> Step:
+    return _sql("UPDATE channels SET status=? WHERE channel_id=?", (op.status, op.channel_id))
 
 
-def _put_peer_addr(db: sqlite3.Connection, op: PersistPeerAddress, batch: _Batch) -> None:
-    db.execute("UPDATE channels SET peer_addr=? WHERE channel_id=?", (op.peer_addr, op.channel_id))
+def _put_peer_addr(op: PersistPeerAddress, batch: _Batch) -> Step:
+    return _sql("UPDATE channels SET peer_addr=? WHERE channel_id=?", (op.peer_addr, op.channel_id))
 
 
 def _sig_columns(me: int, sig: bytes) -> tuple[bytes | None, bytes | None]:
@@ -353,9 +386,7 @@ _INSERT_STATE = (
 )
 
 
-def _insert_run(
-    db: sqlite3.Connection, run: list[PersistProposal | PersistLatest], batch: _Batch
-) -> None:
+def _insert_run(run: list[PersistProposal | PersistLatest], batch: _Batch) -> Step:
     """Versions we sign for the first time: our proposals and the peer's proposals we
     countersign.  A row already there means we signed that version before: rule S
     forbids a second state, so the whole batch is refused."""
@@ -373,17 +404,21 @@ def _insert_run(
             _note_latest(batch, cid, v)
             sig0, sig1 = op.signed.signatures
             rows.append((cid, v, v - 1 if v else 0, _state_blob(st), sig0, sig1, COSIGNED))
-    try:
-        db.executemany(_INSERT_STATE, rows)
-    except sqlite3.IntegrityError:
-        first = run[0].params.channel_id.hex()[:16]
-        raise StoreError(
-            f"channel {first}: a version in v{rows[0][1]}..v{rows[-1][1]} "
-            "is already signed (rule S)"
-        ) from None
+    first = run[0].params.channel_id.hex()[:16]
+
+    def step(db: sqlite3.Connection) -> None:
+        try:
+            db.executemany(_INSERT_STATE, rows)
+        except sqlite3.IntegrityError:
+            raise StoreError(
+                f"channel {first}: a version in v{rows[0][1]!r}..v{rows[-1][1]!r} "
+                "is already signed (rule S)"
+            ) from None
+
+    return step
 
 
-def _complete_run(db: sqlite3.Connection, run: list[PersistLatest], batch: _Batch) -> None:
+def _complete_run(run: list[PersistLatest], batch: _Batch) -> Step:
     """Our own in-flight proposals, now countersigned: add the peer's signature to the
     very row we wrote before sending (no re-encoding; the machine names the row)."""
     rows = []
@@ -393,19 +428,24 @@ def _complete_run(db: sqlite3.Connection, run: list[PersistLatest], batch: _Batc
         _note_latest(batch, cid, v)
         sig0, sig1 = op.signed.signatures
         rows.append((sig0, sig1, COSIGNED, cid, v, IN_FLIGHT))
-    cur = db.executemany(
-        "UPDATE states SET sig0=?, sig1=?, status=? WHERE channel_id=? AND version=? AND status=?",
-        rows,
-    )
-    if cur.rowcount != len(rows):
-        first = run[0].params.channel_id.hex()[:16]
-        raise StoreError(
-            f"channel {first}: v{rows[0][4]!r}..v{rows[-1][4]!r} "
-            "are not all our in-flight proposals"
+    first = run[0].params.channel_id.hex()[:16]
+
+    def step(db: sqlite3.Connection) -> None:
+        cur = db.executemany(
+            "UPDATE states SET sig0=?, sig1=?, status=? "
+            "WHERE channel_id=? AND version=? AND status=?",
+            rows,
         )
+        if cur.rowcount != len(rows):
+            raise StoreError(
+                f"channel {first}: v{rows[0][4]!r}..v{rows[-1][4]!r} "
+                "are not all our in-flight proposals"
+            )
+
+    return step
 
 
-def _put_latest(db: sqlite3.Connection, op: PersistLatest, batch: _Batch) -> None:
+def _put_latest(op: PersistLatest, batch: _Batch) -> Step:
     """Any other co-signed state (adopted on resync): it may complete a state we signed
     at that version, but only that very state (rule S)."""
     cid = op.params.channel_id
@@ -415,52 +455,71 @@ def _put_latest(db: sqlite3.Connection, op: PersistLatest, batch: _Batch) -> Non
     batch.burn_below[cid] = v
     blob = _state_blob(s.state)
     sig0, sig1 = s.signatures
-    cur = db.execute(
-        _INSERT_STATE + " ON CONFLICT DO NOTHING",
-        (cid, v, v - 1 if v else 0, blob, sig0, sig1, COSIGNED),
-    )
-    if cur.rowcount != 1:
+
+    def step(db: sqlite3.Connection) -> None:
         cur = db.execute(
-            "UPDATE states SET sig0=?, sig1=?, status=? "
-            "WHERE channel_id=? AND version=? AND state=?",
-            (sig0, sig1, COSIGNED, cid, v, blob),
+            _INSERT_STATE + " ON CONFLICT DO NOTHING",
+            (cid, v, v - 1 if v else 0, blob, sig0, sig1, COSIGNED),
         )
         if cur.rowcount != 1:
-            raise StoreError(
-                f"channel {cid.hex()[:16]}: v{v} differs from the state we signed there (rule S)"
+            cur = db.execute(
+                "UPDATE states SET sig0=?, sig1=?, status=? "
+                "WHERE channel_id=? AND version=? AND state=?",
+                (sig0, sig1, COSIGNED, cid, v, blob),
             )
+            if cur.rowcount != 1:
+                raise StoreError(
+                    f"channel {cid.hex()[:16]}: v{v} differs from the state we signed there "
+                    "(rule S)"
+                )
+
+    return step
 
 
-def _finish(db: sqlite3.Connection, batch: _Batch) -> None:
+def _finish(batch: _Batch) -> list[Step]:
+    steps = []
     for cid, v in batch.latest.items():
-        cur = db.execute(
-            "UPDATE channels SET latest_version=?, max_signed=max(max_signed, ?) "
-            "WHERE channel_id=? AND (latest_version IS NULL OR latest_version < ?)",
-            (v, batch.max_signed[cid], cid, v),
-        )
-        if cur.rowcount != 1:
-            raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
+        steps.append(_set_latest(cid, v, batch.max_signed[cid]))
     for cid, v in batch.burn_below.items():
         # An adopted state retires whatever we still had in flight below it.
-        db.execute(
-            "UPDATE states SET status=? WHERE channel_id=? AND status=? AND version<?",
-            (BURNED, cid, IN_FLIGHT, v),
+        steps.append(
+            _sql(
+                "UPDATE states SET status=? WHERE channel_id=? AND status=? AND version<?",
+                (BURNED, cid, IN_FLIGHT, v),
+            )
         )
     for cid, v in batch.max_signed.items():
         if cid not in batch.latest:
-            db.execute(
-                "UPDATE channels SET max_signed = max(max_signed, ?) WHERE channel_id=?", (v, cid)
+            steps.append(
+                _sql(
+                    "UPDATE channels SET max_signed = max(max_signed, ?) WHERE channel_id=?",
+                    (v, cid),
+                )
             )
+    return steps
 
 
-def _drop_proposals(db: sqlite3.Connection, op: PersistDropProposals, batch: _Batch) -> None:
-    db.execute(
+def _set_latest(cid: bytes, v: int, max_signed: int) -> Step:
+    def step(db: sqlite3.Connection) -> None:
+        cur = db.execute(
+            "UPDATE channels SET latest_version=?, max_signed=max(max_signed, ?) "
+            "WHERE channel_id=? AND (latest_version IS NULL OR latest_version < ?)",
+            (v, max_signed, cid, v),
+        )
+        if cur.rowcount != 1:
+            raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
+
+    return step
+
+
+def _drop_proposals(op: PersistDropProposals, batch: _Batch) -> Step:
+    return _sql(
         "UPDATE states SET status=? WHERE channel_id=? AND status=? AND version>=?",
         (BURNED, op.params.channel_id, IN_FLIGHT, op.from_version),
     )
 
 
-_APPLY: dict[type, Callable[[sqlite3.Connection, Any, _Batch], None]] = {
+_APPLY: dict[type, Callable[[Any, _Batch], Step]] = {
     PersistChannel: _put_channel,
     PersistStatus: _put_status,
     PersistPeerAddress: _put_peer_addr,
@@ -469,7 +528,7 @@ _APPLY: dict[type, Callable[[sqlite3.Connection, Any, _Batch], None]] = {
 }
 
 _INSERT, _COMPLETE = object(), object()
-_RUNS: dict[object, Callable[[sqlite3.Connection, Any, _Batch], None]] = {
+_RUNS: dict[object, Callable[[Any, _Batch], Step]] = {
     _INSERT: _insert_run,
     _COMPLETE: _complete_run,
 }
