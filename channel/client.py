@@ -631,6 +631,9 @@ class Client:
         elif isinstance(msg, Accept):
             ch = self._route(node_id, msg.channel_id)
             self._emit(node_id, ch.machine.handle(ReceiveAccept(msg)))
+            # The slot is free now: the next update in line joins the same group commit
+            # as this completion (nothing of either leaves before that commit).
+            self._pump(ch)
         elif isinstance(msg, Reject):
             ch = self._route(node_id, msg.channel_id)
             self._emit(node_id, ch.machine.handle(ReceiveReject(msg)))

@@ -10,9 +10,11 @@ channel, and updates on many channels, share fsyncs this way.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import trio
+import trio.lowlevel
 
 from channel import codec
 from channel.links import Links
@@ -25,10 +27,14 @@ from channel.machine import (
 )
 from channel.store import Store, StoreOp
 
-#: Batches up to this many store operations commit on the Trio thread: lock-step traffic,
-#: where the thread hand-off would cost more than it saves.  Larger batches commit in a
-#: worker thread so that the loop keeps working (reading, verifying, signing) meanwhile.
+#: A batch of up to this many store operations commits on the Trio thread when the loop
+#: is otherwise idle (lock-step traffic: the thread hand-off would cost more than it
+#: saves).  Anything else commits in a worker thread, so that the loop keeps working
+#: (reading, verifying, signing) during the fsync.
 INLINE_COMMIT_OPS = 2
+#: ... and only if the previous commit ended at least this long ago (seconds): back-to-
+#: back commits mean pipelined traffic, where blocking the loop stalls both parties.
+INLINE_COMMIT_GAP = 0.0003
 
 
 class Outbox:
@@ -76,6 +82,7 @@ class Outbox:
 
     async def run(self) -> None:
         """The flusher: forever, persist then send then notify whatever is queued."""
+        last_commit = 0.0
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
@@ -86,10 +93,15 @@ class Outbox:
                 # The plan (encoding, checks) is built here; the worker thread then
                 # only runs SQL, so it seldom holds the GIL the loop needs.
                 plan = self.store.prepare(ops)
-                if len(ops) <= INLINE_COMMIT_OPS:
+                if (
+                    len(ops) <= INLINE_COMMIT_OPS
+                    and time.perf_counter() - last_commit >= INLINE_COMMIT_GAP
+                    and trio.lowlevel.current_statistics().tasks_runnable == 0
+                ):
                     self.store.commit(plan)
                 else:
                     await trio.to_thread.run_sync(self.store.commit, plan)
+                last_commit = time.perf_counter()
             by_peer: dict[bytes, list[bytes]] = {}
             for peer, frame in sends:
                 by_peer.setdefault(peer, []).append(frame)
