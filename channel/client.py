@@ -311,8 +311,8 @@ class Client:
                     # We won the last conflict: give the peer one turn (its burst, until a
                     # quiet gap) before proposing again, for at most YIELD_HOLD.
                     await self._give_turn(ch, deadline)
-                    if m.window_full() or not m.is_open:
-                        continue
+                if m.window_full() or not m.is_open:
+                    continue  # the line moved on meanwhile: queue up again
                 w = _Waiter(0.0, fn)
                 self._propose(ch, w)
                 await self._wait(ch, w)
