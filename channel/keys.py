@@ -12,12 +12,23 @@ import os
 
 import attrs
 from coincurve import PrivateKey, PublicKey
+from coincurve._libsecp256k1 import ffi, lib
+from coincurve.context import GLOBAL_CONTEXT
 
 from channel.errors import InvalidSignature
 from channel.hashing import keccak
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 HALF_N = SECP256K1_N // 2
+
+# The hot path (a sign and a recover per update per party) calls libsecp256k1 through
+# coincurve's own cffi binding directly: the same C functions coincurve's methods call,
+# without their per-call Python wrappers and intermediate objects.
+_CTX = GLOBAL_CONTEXT.ctx
+_UNCOMPRESSED = lib.SECP256K1_EC_UNCOMPRESSED
+_HALF_N_BYTES = HALF_N.to_bytes(32, "big")
+_ZERO32 = bytes(32)
+_N_BYTES = SECP256K1_N.to_bytes(32, "big")
 
 
 def address_of(pubkey: PublicKey) -> bytes:
@@ -59,11 +70,18 @@ class Signer:
         return self._key.secret
 
     def sign(self, digest: bytes) -> bytes:
-        """Sign a 32-byte digest; libsecp256k1 always produces low-s."""
+        """Sign a 32-byte digest (RFC 6979 nonce); libsecp256k1 always produces low-s."""
         if len(digest) != 32:
             raise ValueError("digest must be 32 bytes")
-        sig = self._key.sign_recoverable(digest, hasher=None)
-        return sig[:64] + bytes([sig[64] + 27])
+        rsig = ffi.new("secp256k1_ecdsa_recoverable_signature *")
+        if not lib.secp256k1_ecdsa_sign_recoverable(
+            _CTX, rsig, digest, self._key.secret, ffi.NULL, ffi.NULL
+        ):
+            raise ValueError("signing failed (invalid private key)")
+        out = ffi.new("unsigned char[64]")
+        recid = ffi.new("int *")
+        lib.secp256k1_ecdsa_recoverable_signature_serialize_compact(_CTX, out, recid, rsig)
+        return bytes(ffi.buffer(out, 64)) + bytes((recid[0] + 27,))
 
 
 def recover(digest: bytes, signature: bytes) -> bytes:
@@ -73,19 +91,25 @@ def recover(digest: bytes, signature: bytes) -> bytes:
     v = signature[64]
     if v not in (27, 28):
         raise InvalidSignature(f"signature v must be 27 or 28, got {v}")
-    r = int.from_bytes(signature[:32], "big")
-    s = int.from_bytes(signature[32:64], "big")
-    if not 0 < r < SECP256K1_N:
+    r = signature[:32]
+    s = signature[32:64]
+    # Big-endian byte strings of equal length compare like the integers they encode.
+    if not _ZERO32 < r < _N_BYTES:
         raise InvalidSignature("signature r out of range")
-    if not 0 < s <= HALF_N:
+    if not _ZERO32 < s <= _HALF_N_BYTES:
         raise InvalidSignature("signature s is zero or high (EIP-2 requires low-s)")
-    try:
-        pub = PublicKey.from_signature_and_message(
-            signature[:64] + bytes([v - 27]), digest, hasher=None
-        )
-    except Exception as exc:  # coincurve raises ValueError/Exception on bad points
-        raise InvalidSignature(f"signature does not recover: {exc}") from None
-    return address_of(pub)
+    if len(digest) != 32:
+        raise InvalidSignature("digest must be 32 bytes")
+    rsig = ffi.new("secp256k1_ecdsa_recoverable_signature *")
+    pub = ffi.new("secp256k1_pubkey *")
+    if not lib.secp256k1_ecdsa_recoverable_signature_parse_compact(
+        _CTX, rsig, signature[:64], v - 27
+    ) or not lib.secp256k1_ecdsa_recover(_CTX, pub, rsig, digest):
+        raise InvalidSignature("signature does not recover to a public key")
+    out = ffi.new("unsigned char[65]")
+    outlen = ffi.new("size_t *", 65)
+    lib.secp256k1_ec_pubkey_serialize(_CTX, out, outlen, pub, _UNCOMPRESSED)
+    return keccak(ffi.buffer(out, 65)[1:])[-20:]
 
 
 def verify(digest: bytes, signature: bytes, address: bytes) -> None:
