@@ -143,6 +143,16 @@ class Allocation:
     def total(self) -> int:
         return self.balances[0] + self.balances[1] + self.locked
 
+    @classmethod
+    def unchecked(cls, asset: Address, balances: tuple[int, int], locked: int) -> Allocation:
+        """Build from fields the caller has already checked one by one (the wire
+        decoder): the same value, without running the validators a second time."""
+        a = object.__new__(cls)
+        object.__setattr__(a, "asset", asset)
+        object.__setattr__(a, "balances", balances)
+        object.__setattr__(a, "locked", locked)
+        return a
+
 
 @attrs.frozen(kw_only=True)
 class State:
@@ -173,6 +183,26 @@ class State:
     def _check_final(self, attr: object, value: object) -> None:
         if type(value) is not bool:
             raise ValueError("is_final must be a bool")
+
+    @classmethod
+    def unchecked(
+        cls,
+        channel_id: ChannelId,
+        version: int,
+        allocations: tuple[Allocation, ...],
+        app_data: bytes,
+        is_final: bool,
+    ) -> State:
+        """Build from fields the caller has already checked one by one (the wire
+        decoder checks each, the asset count and that no asset repeats): the same
+        value, without running the validators a second time."""
+        st = object.__new__(cls)
+        object.__setattr__(st, "channel_id", channel_id)
+        object.__setattr__(st, "version", version)
+        object.__setattr__(st, "allocations", allocations)
+        object.__setattr__(st, "app_data", app_data)
+        object.__setattr__(st, "is_final", is_final)
+        return st
 
     @classmethod
     def initial(cls, params: Params, balances: Iterable[tuple[bytes, int, int]]) -> State:

@@ -488,3 +488,70 @@ def test_cyclic_shared_value_rejected(data: bytes) -> None:
     """A 6-byte self-referencing CBOR item (value-sharing tags) raises DecodeError."""
     with pytest.raises(DecodeError):
         decode(data)
+
+
+# The decoder builds states with ``State.unchecked``: it must accept exactly what the
+# validating constructors accept, and build the same value.
+_field_values = st.one_of(
+    st.integers(min_value=-1, max_value=2**256),
+    st.sampled_from([0, 1, 2**64 - 1, 2**64, 2**256 - 1]),
+    st.binary(max_size=40),
+    st.sampled_from([b"\x00" * 20, b"\x01" * 20, b"\x02" * 32]),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=3),
+)
+_valid_allocation = st.tuples(
+    st.sampled_from([b"\x00" * 20, b"\x01" * 20, b"\x03" * 20, b"\x04" * 20]),
+    st.integers(min_value=0, max_value=2**256 - 1),
+    st.integers(min_value=0, max_value=2**256 - 1),
+    st.integers(min_value=0, max_value=2**256 - 1),
+).map(list)
+_valid_allocations = st.lists(
+    _valid_allocation, min_size=1, max_size=4, unique_by=lambda a: a[0]
+)
+_any_allocations = st.lists(
+    st.one_of(_valid_allocation, st.lists(_field_values, min_size=3, max_size=5)),
+    max_size=MAX_ASSETS + 1,
+)
+
+
+def _mostly(valid: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``valid`` three times in four, anything the wire could carry otherwise."""
+    return st.integers(0, 3).flatmap(lambda i: valid if i else _field_values)
+
+
+_wire_states = st.tuples(
+    _mostly(st.just(b"\x02" * 32)),
+    _mostly(st.integers(min_value=0, max_value=2**64 - 1)),
+    st.integers(0, 3).flatmap(lambda i: _valid_allocations if i else _any_allocations),
+    _mostly(st.binary(max_size=64)),
+    _mostly(st.booleans()),
+).map(list)
+
+
+def _validated_state(f: list[Any]) -> State:
+    """The same wire fields through the validating attrs constructors."""
+    return State(
+        channel_id=f[0],
+        version=f[1],
+        allocations=tuple(Allocation(asset=a[0], balances=(a[1], a[2]), locked=a[3]) for a in f[2]),
+        app_data=f[3],
+        is_final=f[4],
+    )
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(_wire_states)
+def test_decoder_accepts_exactly_what_the_validators_accept(fields: list[Any]) -> None:
+    """state_from_wire refuses (DecodeError) exactly the fields the validating
+    constructors refuse, and otherwise builds an equal State."""
+    try:
+        expected: State | None = _validated_state(fields)
+    except (ValueError, TypeError, IndexError):
+        expected = None
+    if expected is None:
+        with pytest.raises(DecodeError):
+            codec.state_from_wire(fields)
+    else:
+        assert codec.state_from_wire(fields) == expected
