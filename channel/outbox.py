@@ -10,9 +10,13 @@ channel, and updates on many channels, share fsyncs this way.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
+import outcome
 import trio
 import trio.lowlevel
 
@@ -25,7 +29,7 @@ from channel.machine import (
     PersistProposal,
     SendMessage,
 )
-from channel.store import Store, StoreOp
+from channel.store import Plan, Store, StoreOp
 
 #: A batch of up to this many store operations commits on the Trio thread when the loop
 #: is otherwise idle (lock-step traffic: the thread hand-off would cost more than it
@@ -35,6 +39,51 @@ INLINE_COMMIT_OPS = 2
 #: ... and only if the previous commit ended at least this long ago (seconds): back-to-
 #: back commits mean pipelined traffic, where blocking the loop stalls both parties.
 INLINE_COMMIT_GAP = 0.0003
+
+
+class Committer:
+    """One long-lived thread that commits store plans, one at a time.
+
+    ``trio.to_thread`` would do, but its thread cache often starts a fresh thread when
+    the flusher hands over the next plan before the last worker went idle; one thread
+    fed through a queue costs a wake-up per commit and nothing more."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._jobs: queue.SimpleQueue[tuple[Plan, trio.lowlevel.TrioToken, Any] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+
+    async def commit(self, plan: Plan) -> None:
+        """Commit ``plan`` in the thread; not abandoned on cancellation (a commit that
+        started finishes, and its outcome is known, before this returns or raises)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._loop, name="optichannel-store", daemon=True
+            )
+            self._thread.start()
+        self._jobs.put((plan, trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()))
+        result = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        return result  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            plan, token, task = job
+            result = outcome.capture(self.store.commit, plan)
+            try:
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            except trio.RunFinishedError:  # pragma: no cover - the run ended under us
+                return
 
 
 class Outbox:
@@ -82,6 +131,13 @@ class Outbox:
 
     async def run(self) -> None:
         """The flusher: forever, persist then send then notify whatever is queued."""
+        committer = Committer(self.store)
+        try:
+            await self._run(committer)
+        finally:
+            committer.close()
+
+    async def _run(self, committer: Committer) -> None:
         last_commit = 0.0
         while True:
             await self.wake.wait()
@@ -100,7 +156,7 @@ class Outbox:
                 ):
                     self.store.commit(plan)
                 else:
-                    await trio.to_thread.run_sync(self.store.commit, plan)
+                    await committer.commit(plan)
                 last_commit = time.perf_counter()
             by_peer: dict[bytes, list[bytes]] = {}
             for peer, frame in sends:
