@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -193,7 +194,7 @@ class Store:
         plan in a worker thread, where it holds the GIL only between SQLite calls.
 
         Runs of the hot-path operations (proposals, fresh co-signed states, our own
-        proposals countersigned) become one ``executemany`` each.  Raises ``StoreError``
+        proposals countersigned) become one multi-row statement each.  Raises ``StoreError``
         (e.g. a latest that would roll back)."""
         steps: list[Step] = []
         batch = _Batch()
@@ -385,6 +386,31 @@ _INSERT_STATE = (
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 
+#: Rows per multi-row statement (SQLite allows 32,766 parameters in one statement).
+_ROWS_PER_STATEMENT = 512
+
+
+def _chunks(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    n = _ROWS_PER_STATEMENT
+    return [rows[i : i + n] for i in range(0, len(rows), n)]
+
+
+@lru_cache(maxsize=64)
+def _insert_sql(n: int) -> str:
+    return _INSERT_STATE + ", (?, ?, ?, ?, ?, ?, ?)" * (n - 1)
+
+
+@lru_cache(maxsize=64)
+def _complete_sql(n: int) -> str:
+    # One statement for the whole run (the rows name their key and the peer's
+    # signature): the committer thread then takes the GIL once, not once per row.
+    return (
+        "UPDATE states SET sig0 = v.column3, sig1 = v.column4, status = ? "
+        "FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * n) + ") AS v "
+        "WHERE states.channel_id = v.column1 AND states.version = v.column2 "
+        "AND states.status = ?"
+    )
+
 
 def _insert_run(run: list[PersistProposal | PersistLatest], batch: _Batch) -> Step:
     """Versions we sign for the first time: our proposals and the peer's proposals we
@@ -405,10 +431,12 @@ def _insert_run(run: list[PersistProposal | PersistLatest], batch: _Batch) -> St
             sig0, sig1 = op.signed.signatures
             rows.append((cid, v, v - 1 if v else 0, _state_blob(st), sig0, sig1, COSIGNED))
     first = run[0].params.channel_id.hex()[:16]
+    statements = [(_insert_sql(len(c)), [x for row in c for x in row]) for c in _chunks(rows)]
 
     def step(db: sqlite3.Connection) -> None:
         try:
-            db.executemany(_INSERT_STATE, rows)
+            for sql, args in statements:
+                db.execute(sql, args)
         except sqlite3.IntegrityError:
             raise StoreError(
                 f"channel {first}: a version in v{rows[0][1]!r}..v{rows[-1][1]!r} "
@@ -427,20 +455,20 @@ def _complete_run(run: list[PersistLatest], batch: _Batch) -> Step:
         v = op.signed.state.version
         _note_latest(batch, cid, v)
         sig0, sig1 = op.signed.signatures
-        rows.append((sig0, sig1, COSIGNED, cid, v, IN_FLIGHT))
+        rows.append((cid, v, sig0, sig1))
     first = run[0].params.channel_id.hex()[:16]
+    statements = [
+        (_complete_sql(len(c)), len(c), [COSIGNED, *(x for row in c for x in row), IN_FLIGHT])
+        for c in _chunks(rows)
+    ]
 
     def step(db: sqlite3.Connection) -> None:
-        cur = db.executemany(
-            "UPDATE states SET sig0=?, sig1=?, status=? "
-            "WHERE channel_id=? AND version=? AND status=?",
-            rows,
-        )
-        if cur.rowcount != len(rows):
-            raise StoreError(
-                f"channel {first}: v{rows[0][4]!r}..v{rows[-1][4]!r} "
-                "are not all our in-flight proposals"
-            )
+        for sql, n, args in statements:
+            if db.execute(sql, args).rowcount != n:
+                raise StoreError(
+                    f"channel {first}: v{rows[0][1]!r}..v{rows[-1][1]!r} "
+                    "are not all our in-flight proposals"
+                )
 
     return step
 

@@ -507,9 +507,7 @@ _valid_allocation = st.tuples(
     st.integers(min_value=0, max_value=2**256 - 1),
     st.integers(min_value=0, max_value=2**256 - 1),
 ).map(list)
-_valid_allocations = st.lists(
-    _valid_allocation, min_size=1, max_size=4, unique_by=lambda a: a[0]
-)
+_valid_allocations = st.lists(_valid_allocation, min_size=1, max_size=4, unique_by=lambda a: a[0])
 _any_allocations = st.lists(
     st.one_of(_valid_allocation, st.lists(_field_values, min_size=3, max_size=5)),
     max_size=MAX_ASSETS + 1,

@@ -12,6 +12,8 @@ from channel.eip712 import state_digest
 from channel.errors import StoreError
 from channel.keys import Signer
 from channel.machine import (
+    ROW_NEW,
+    ROW_OWN,
     ActionPropose,
     ChannelMachine,
     PersistDropProposals,
@@ -326,3 +328,64 @@ def test_allocation_with_locked_amounts_round_trips(path: Path) -> None:
     store.apply([PersistLatest(params=f.params, signed=cosign(f.params, v1))])
     (rec,) = store.load()
     assert rec.latest is not None and rec.latest.state == v1
+
+
+def _own(params: Params, state: State) -> PersistLatest:
+    return PersistLatest(params=params, signed=cosign(params, state), row=ROW_OWN)
+
+
+def test_many_proposals_and_their_completions_in_one_batch_each(path: Path) -> None:
+    """600 proposals in one commit, then their 600 countersignatures in the next (more
+    rows than one multi-row statement holds): every row ends co-signed, none in flight."""
+    store = Store(path, owner=ALICE.address)
+    f = opened(store)
+    states = [f.v0]
+    for v in range(1, 601):
+        states.append(pay(states[-1], v, 0))  # nothing moves: only the version differs
+    store.apply([proposal(f.params, v - 1, states[v]) for v in range(1, 601)])
+    store.apply([_own(f.params, states[v]) for v in range(1, 601)])
+    (rec,) = store.load()
+    assert rec.latest == cosign(f.params, states[600]) and rec.in_flight == ()
+    assert rec.max_signed == 600
+    trail = store.signed_states(f.params.channel_id)
+    assert [(v, status) for v, status, _ in trail] == [(v, COSIGNED) for v in range(601)]
+    assert all(s == cosign(f.params, states[v]) for v, _, s in trail)
+
+
+@pytest.mark.parametrize("existing", ["missing", "burned", "cosigned"])
+def test_completing_a_row_that_is_not_our_proposal_in_flight_is_refused(
+    path: Path, existing: str
+) -> None:
+    """A countersignature for our 'own' proposal that is not in flight (never written,
+    burned, or already co-signed) raises StoreError and changes nothing."""
+    store = Store(path, owner=ALICE.address)
+    f = opened(store)
+    v1, v2 = pay(f.v0, 1), pay(pay(f.v0, 1), 2)
+    store.apply([proposal(f.params, 0, v1)])
+    if existing == "burned":
+        store.apply([PersistDropProposals(params=f.params, from_version=1)])
+    elif existing == "cosigned":
+        store.apply([_own(f.params, v1)])
+    target = v2 if existing == "missing" else v1
+    before = contents(store, f.params)
+    with pytest.raises(StoreError):
+        store.apply([_own(f.params, target)])
+    assert contents(store, f.params) == before
+
+
+def test_fresh_countersignature_at_a_signed_version_is_refused(path: Path) -> None:
+    """A 'new' co-signed state at a version we already signed raises StoreError (rule S),
+    even inside a run of otherwise fine rows; the whole batch is rolled back."""
+    store = Store(path, owner=ALICE.address)
+    f = opened(store)
+    v1 = pay(f.v0, 1)
+    store.apply([proposal(f.params, 0, v1)])
+    before = contents(store, f.params)
+    other_v1 = pay(f.v0, 1, 5)
+    batch = [
+        PersistLatest(params=f.params, signed=cosign(f.params, other_v1), row=ROW_NEW),
+        PersistLatest(params=f.params, signed=cosign(f.params, pay(other_v1, 2)), row=ROW_NEW),
+    ]
+    with pytest.raises(StoreError):
+        store.apply(batch)
+    assert contents(store, f.params) == before
