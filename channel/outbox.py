@@ -10,6 +10,7 @@ channel, and updates on many channels, share fsyncs this way.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -31,6 +32,8 @@ from channel.machine import (
 )
 from channel.store import Plan, Store, StoreOp
 
+log = logging.getLogger("optichannel.outbox")
+
 #: A batch of up to this many store operations commits on the Trio thread when the loop
 #: is otherwise idle (lock-step traffic: the thread hand-off would cost more than it
 #: saves).  Anything else commits in a worker thread, so that the loop keeps working
@@ -41,8 +44,13 @@ INLINE_COMMIT_OPS = 2
 INLINE_COMMIT_GAP = 0.0003
 
 
+#: How often the background thread checkpoints the store's WAL (seconds).
+CHECKPOINT_INTERVAL = 0.2
+
+
 class Committer:
-    """One long-lived thread that commits store plans, one at a time.
+    """One long-lived thread that commits store plans, one at a time, and one that
+    checkpoints the WAL beside it (so that no commit pays for a checkpoint).
 
     ``trio.to_thread`` would do, but its thread cache often starts a fresh thread when
     the flusher hands over the next plan before the last worker went idle; one thread
@@ -54,6 +62,19 @@ class Committer:
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._checkpoints = threading.Thread(
+            target=self._checkpoint_loop, name="optichannel-checkpoint", daemon=True
+        )
+        store.checkpoint_in_background()
+        self._checkpoints.start()
+
+    def _checkpoint_loop(self) -> None:
+        while not self._stop.wait(CHECKPOINT_INTERVAL):
+            try:
+                self.store.checkpoint()
+            except Exception:  # a failed checkpoint loses nothing: the WAL holds it all
+                log.exception("WAL checkpoint failed")
 
     async def commit(self, plan: Plan) -> None:
         """Commit ``plan`` in the thread; not abandoned on cancellation (a commit that
@@ -68,6 +89,8 @@ class Committer:
         return result  # type: ignore[no-any-return]
 
     def close(self) -> None:
+        self._stop.set()
+        self._checkpoints.join(timeout=5)
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(timeout=5)

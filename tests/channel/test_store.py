@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
 
 import attrs
@@ -389,3 +390,27 @@ def test_fresh_countersignature_at_a_signed_version_is_refused(path: Path) -> No
     with pytest.raises(StoreError):
         store.apply(batch)
     assert contents(store, f.params) == before
+
+
+def test_background_checkpoint_copies_the_wal_and_commits_never_do(path: Path) -> None:
+    """With checkpoint_in_background, commits leave every page in the WAL (no commit
+    pays for a checkpoint); checkpoint() from another thread backfills them all, and a
+    reopened store holds everything."""
+    store = Store(path, owner=ALICE.address)
+    store.checkpoint_in_background()
+    f = opened(store)
+    states = [f.v0]
+    for v in range(1, 401):
+        states.append(pay(states[-1], v, 0))
+        store.apply([proposal(f.params, v - 1, states[v])])
+        store.apply([_own(f.params, states[v])])
+    wal = path.with_name(path.name + "-wal")
+    db_size = path.stat().st_size
+    assert wal.stat().st_size > 1000 * 4096  # past the automatic 1000-page mark
+    worker = threading.Thread(target=store.checkpoint)
+    worker.start()
+    worker.join()
+    assert path.stat().st_size > db_size + 400 * 300  # the states reached the database
+    store.close()
+    (rec,) = Store(path, owner=ALICE.address).load()
+    assert rec.latest == cosign(f.params, states[400])
