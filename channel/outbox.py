@@ -44,8 +44,11 @@ INLINE_COMMIT_OPS = 2
 INLINE_COMMIT_GAP = 0.0003
 
 
-#: How often the background thread checkpoints the store's WAL (seconds).
-CHECKPOINT_INTERVAL = 0.2
+#: The background checkpoint runs after this many commits (a commit writes a few WAL
+#: pages; SQLite's own automatic checkpoint would run every 1000 pages) ...
+CHECKPOINT_EVERY_COMMITS = 250
+#: ... or after this many idle seconds if anything was committed at all.
+CHECKPOINT_IDLE = 2.0
 
 
 class Committer:
@@ -63,18 +66,37 @@ class Committer:
         )
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._due = threading.Event()
+        self._commits = 0  # since the last checkpoint
+        store.checkpoint_in_background()
         self._checkpoints = threading.Thread(
             target=self._checkpoint_loop, name="optichannel-checkpoint", daemon=True
         )
-        store.checkpoint_in_background()
         self._checkpoints.start()
 
+    def _counted(self) -> None:
+        self._commits += 1
+        if self._commits >= CHECKPOINT_EVERY_COMMITS:
+            self._due.set()
+
     def _checkpoint_loop(self) -> None:
-        while not self._stop.wait(CHECKPOINT_INTERVAL):
+        while True:
+            self._due.wait(CHECKPOINT_IDLE)
+            if self._stop.is_set():
+                return
+            self._due.clear()
+            if not self._commits:
+                continue
+            self._commits = 0
             try:
                 self.store.checkpoint()
             except Exception:  # a failed checkpoint loses nothing: the WAL holds it all
                 log.exception("WAL checkpoint failed")
+
+    def commit_inline(self, plan: Plan) -> None:
+        """Commit ``plan`` on the calling (Trio) thread: blocks for the fsync."""
+        self.store.commit(plan)
+        self._counted()
 
     async def commit(self, plan: Plan) -> None:
         """Commit ``plan`` in the thread; not abandoned on cancellation (a commit that
@@ -90,6 +112,7 @@ class Committer:
 
     def close(self) -> None:
         self._stop.set()
+        self._due.set()
         self._checkpoints.join(timeout=5)
         if self._thread is not None:
             self._jobs.put(None)
@@ -103,6 +126,7 @@ class Committer:
                 return
             plan, token, task = job
             result = outcome.capture(self.store.commit, plan)
+            self._counted()
             try:
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
             except trio.RunFinishedError:  # pragma: no cover - the run ended under us
@@ -177,7 +201,7 @@ class Outbox:
                     and time.perf_counter() - last_commit >= INLINE_COMMIT_GAP
                     and trio.lowlevel.current_statistics().tasks_runnable == 0
                 ):
-                    self.store.commit(plan)
+                    committer.commit_inline(plan)
                 else:
                     await committer.commit(plan)
                 last_commit = time.perf_counter()
