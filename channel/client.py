@@ -23,8 +23,6 @@ Usage::
 from __future__ import annotations
 
 import logging
-import math
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
@@ -49,6 +47,18 @@ from channel.errors import (
     WrongChannel,
 )
 from channel.keys import Signer, address_of_node_id
+from channel.lane import (
+    CLOSED,
+    CLOSING,
+    FUNDING,
+    OPEN,
+    STATUSES,
+    YIELD_HOLD,
+    Lane,
+    Update,
+    UpdateFn,
+    Waiter,
+)
 from channel.limits import PIPELINE_WINDOW, UPDATE_TIMEOUT
 from channel.links import Links
 from channel.machine import (
@@ -79,27 +89,6 @@ OpenPolicy: TypeAlias = Callable[[Params, State], "str | None"]
 #: Called (synchronously, after it is durable) with every new co-signed state.
 StateListener: TypeAlias = Callable[[Params, SignedState], None]
 
-#: Channel statuses: waiting for on-chain funding, usable, final state agreed, concluded.
-FUNDING, OPEN, CLOSING, CLOSED = "funding", "open", "closing", "closed"
-STATUSES = (FUNDING, OPEN, CLOSING, CLOSED)
-
-#: After a conflict the yielding party waits for this long a gap in the peer's proposals.
-YIELD_QUIET = 0.005
-#: After winning a conflict, the longest a party waits for the peer to take its turn.
-YIELD_HOLD = 0.05
-
-
-@attrs.frozen(kw_only=True)
-class Update:
-    """What a proposal changes: the result of an update function."""
-
-    allocations: tuple[Allocation, ...]
-    app_data: bytes = b""
-    is_final: bool = False
-
-
-UpdateFn: TypeAlias = Callable[[State], Update]
-
 
 @attrs.frozen(kw_only=True)
 class ChannelInfo:
@@ -109,63 +98,6 @@ class ChannelInfo:
     latest: SignedState | None
     in_flight: int
     connected: bool
-
-
-class _Waiter:
-    """One update: waiting in line for window room (``fn`` set), then in flight."""
-
-    __slots__ = (
-        "cancelled",
-        "deadline",
-        "error",
-        "event",
-        "fn",
-        "go",
-        "result",
-        "stalled",
-        "timed_out",
-    )
-
-    def __init__(self, deadline: float, fn: UpdateFn | None = None) -> None:
-        self.deadline = deadline
-        self.event = trio.Event()
-        self.fn = fn
-        self.result: NotifyAccepted | NotifyRejected | None = None
-        self.error: Exception | None = None  # raised by fn or the machine when proposing
-        self.go = False  # handed the turn: the caller proposes itself (the careful path)
-        self.stalled = False  # waited update_timeout in line with no progress at all
-        self.timed_out = False  # proposed, but no answer within update_timeout
-        self.cancelled = False  # the caller went away while in line
-
-
-class _Channel:
-    def __init__(
-        self,
-        machine: ChannelMachine,
-        peer_node_id: bytes,
-        peer_addr: str | None,
-        status: str = "open",
-    ) -> None:
-        self.machine = machine
-        self.status = status
-        self.peer_node_id = peer_node_id
-        self.peer_addr = peer_addr
-        self.durable: SignedState | None = machine.latest
-        # Updates waiting for room in the pipeline window, first come first served: each
-        # resolved proposal frees one slot, and the client proposes the next update in
-        # line right there (no task switch to its caller until it is co-signed).
-        self.queue: deque[_Waiter] = deque()
-        self.last_progress = trio.current_time()  # when a proposal of ours last resolved
-        self.last_incoming = -math.inf  # trio time of the last proposal we accepted
-        self.conflict_at = -math.inf  # trio time of the last conflict we saw
-        self.turn_given_at = -math.inf  # the conflict after which we last gave a turn
-        self.incoming = trio.Event()  # set (and replaced) whenever we accept a proposal
-
-    def incoming_changed(self) -> trio.Event:
-        """An event that fires on the next proposal we accept from the peer."""
-        if self.incoming.is_set():
-            self.incoming = trio.Event()
-        return self.incoming
 
 
 class Client:
@@ -191,14 +123,14 @@ class Client:
         self.update_timeout = update_timeout
         self.window = window
         self.listening: Listening | None = None
-        self._channels: dict[bytes, _Channel] = {}
+        self._channels: dict[bytes, Lane] = {}
         self.links = Links(
             signer,
             on_frame=lambda node_id, frame: self._on_frame(node_id, frame),
             on_connected=lambda node_id: self._on_connected(node_id),
             timeout=update_timeout,
         )
-        self._waiters: dict[int, _Waiter] = {}
+        self._waiters: dict[int, Waiter] = {}
         self._next_update = 0
         self._listeners: list[StateListener] = []
         self._nursery: trio.Nursery | None = None
@@ -269,11 +201,11 @@ class Client:
             window=self.window,
         )
         status = FUNDING if self.require_funding else OPEN
-        self._channels[params.channel_id] = _Channel(machine, node_id, addr, status)
+        self._channels[params.channel_id] = Lane(machine, node_id, addr, status)
         self.outbox.add_op(
             PersistChannel(params=params, me=0, peer_node_id=node_id, peer_addr=addr, status=status)
         )
-        waiter = self._waiters[uid] = _Waiter(trio.current_time() + self.update_timeout)
+        waiter = self._waiters[uid] = Waiter(trio.current_time() + self.update_timeout)
         self._emit(node_id, outputs)
         await self._await_result(waiter, params.channel_id, 0)
         return params.channel_id
@@ -297,8 +229,8 @@ class Client:
             if ch.status != OPEN:
                 raise LocalProtocolError(f"channel {channel_id.hex()[:16]} is {ch.status}")
             m = ch.machine
-            if not granted and (ch.queue or m.window_full() or not m.is_open or self._held(ch)):
-                w = _Waiter(trio.current_time() + self.update_timeout, fn)
+            if not granted and (ch.queue or m.window_full() or not m.is_open or ch.held()):
+                w = Waiter(trio.current_time() + self.update_timeout, fn)
                 ch.queue.append(w)
                 self._pump(ch)
                 await self._wait(ch, w)
@@ -307,13 +239,13 @@ class Client:
                     continue
             else:
                 granted = False
-                if self._held(ch):
+                if ch.held():
                     # We won the last conflict: give the peer one turn (its burst, until a
                     # quiet gap) before proposing again, for at most YIELD_HOLD.
-                    await self._give_turn(ch, deadline)
+                    await ch.give_turn(deadline)
                 if m.window_full() or not m.is_open:
                     continue  # the line moved on meanwhile: queue up again
-                w = _Waiter(0.0, fn)
+                w = Waiter(0.0, fn)
                 self._propose(ch, w)
                 await self._wait(ch, w)
             if w.error is not None:
@@ -337,13 +269,9 @@ class Client:
                 # Let the peer (lower address) finish its burst: wait for a quiet gap in
                 # its proposals, but never longer than YIELD_HOLD (no starvation).
                 with trio.move_on_after(YIELD_HOLD):
-                    await self._quiet_gap(ch)
+                    await ch.quiet_gap()
 
-    def _held(self, ch: _Channel) -> bool:
-        """We won the last conflict and have not yet given the peer its turn."""
-        return not ch.machine.should_yield and ch.conflict_at > ch.turn_given_at
-
-    def _propose(self, ch: _Channel, w: _Waiter) -> None:
+    def _propose(self, ch: Lane, w: Waiter) -> None:
         """Propose ``w``'s update now; a failure (``fn`` raised, conservation) goes to
         ``w.error`` and wakes its caller."""
         assert w.fn is not None
@@ -366,23 +294,10 @@ class Client:
         self._waiters[uid] = w
         self._emit(ch.peer_node_id, outputs)
 
-    def _pump(self, ch: _Channel) -> None:
-        """Propose the updates in line while the window has room (group commit then
-        takes them all at once).  An update that needs the careful path (turn-taking
-        after a conflict) is handed back to its caller instead, and the line stops
-        there until that one resolves."""
-        m = ch.machine
-        while ch.queue and m.is_open and not m.window_full():
-            w = ch.queue.popleft()
-            if w.cancelled:
-                continue
-            if ch.status != OPEN or self._held(ch):
-                w.go = True
-                w.event.set()
-                return
-            self._propose(ch, w)
+    def _pump(self, ch: Lane) -> None:
+        ch.pump(partial(self._propose, ch))
 
-    async def _wait(self, ch: _Channel, w: _Waiter) -> None:
+    async def _wait(self, ch: Lane, w: Waiter) -> None:
         try:
             await w.event.wait()
         except BaseException:
@@ -396,23 +311,6 @@ class Client:
                 f"been full for {self.update_timeout}s with no answer from the peer"
             )
 
-    async def _quiet_gap(self, ch: _Channel) -> None:
-        """Return after YIELD_QUIET seconds with no proposal accepted from the peer."""
-        while True:
-            with trio.move_on_after(YIELD_QUIET) as quiet:
-                await ch.incoming_changed().wait()
-            if quiet.cancelled_caught:
-                return
-
-    async def _give_turn(self, ch: _Channel, deadline: float) -> None:
-        """After winning a conflict: wait for the peer's turn to start and end."""
-        conflict_at = ch.conflict_at
-        with trio.move_on_at(min(deadline, conflict_at + YIELD_HOLD)):
-            while ch.last_incoming <= conflict_at:
-                await ch.incoming_changed().wait()
-            await self._quiet_gap(ch)
-        ch.turn_given_at = max(ch.turn_given_at, conflict_at)
-
     async def _sweeper(self) -> None:
         """Time out waiters and stalled lines, so the hot path needs no cancel scopes."""
         step = max(0.01, min(0.25, self.update_timeout / 8))
@@ -425,17 +323,7 @@ class Client:
                     w.timed_out = True
                     w.event.set()
             for ch in self._channels.values():
-                # Waiting in line is not a timeout; waiting update_timeout with no
-                # proposal of the channel resolved in that time is.
-                if (
-                    ch.queue
-                    and ch.queue[0].deadline <= now
-                    and now - ch.last_progress >= self.update_timeout
-                ):
-                    for w in ch.queue:
-                        w.stalled = True
-                        w.event.set()
-                    ch.queue.clear()
+                ch.expire_line(now, self.update_timeout)
 
     async def pay(self, channel_id: bytes, asset: bytes, amount: int) -> SignedState:
         """Move ``amount`` of ``asset`` from us to the peer."""
@@ -452,7 +340,7 @@ class Client:
                         )
                     b[me] -= amount
                     b[1 - me] += amount
-                    a = attrs.evolve(a, balances=(b[0], b[1]))
+                    a = Allocation(asset=a.asset, balances=(b[0], b[1]), locked=a.locked)
                 allocs.append(a)
             return Update(allocations=tuple(allocs), app_data=tip.app_data)
 
@@ -507,7 +395,7 @@ class Client:
 
     # -- internals: channels --------------------------------------------------
 
-    def _channel(self, channel_id: bytes) -> _Channel:
+    def _channel(self, channel_id: bytes) -> Lane:
         try:
             return self._channels[channel_id]
         except KeyError:
@@ -530,18 +418,18 @@ class Client:
                 policy=self.policy,
                 window=self.window,
             )
-            self._channels[rec.params.channel_id] = _Channel(
+            self._channels[rec.params.channel_id] = Lane(
                 machine, rec.peer_node_id, rec.peer_addr, rec.status
             )
 
     async def _await_result(
-        self, waiter: _Waiter, channel_id: bytes, version: int
+        self, waiter: Waiter, channel_id: bytes, version: int
     ) -> NotifyAccepted | NotifyRejected:
         await waiter.event.wait()
         return await self._result(waiter, channel_id, version)
 
     async def _result(
-        self, waiter: _Waiter, channel_id: bytes, version: int
+        self, waiter: Waiter, channel_id: bytes, version: int
     ) -> NotifyAccepted | NotifyRejected:
         """The outcome of a proposal whose waiter has fired (``version`` 0: the open)."""
         if waiter.timed_out:
@@ -595,8 +483,7 @@ class Client:
         elif isinstance(note, NotifyReceived):
             ch = self._channels.get(note.signed.state.channel_id)
             if ch is not None:
-                ch.last_incoming = trio.current_time()
-                ch.incoming.set()
+                ch.note_incoming()
         elif isinstance(note, NotifyProtocolError):
             log.info("refused from peer: %s", note.error)
             if isinstance(note.error, ProposalConflict):
@@ -647,7 +534,7 @@ class Client:
         else:  # pragma: no cover - the codec only returns the types above
             raise TypeError(type(msg).__name__)
 
-    def _route(self, node_id: bytes, channel_id: bytes) -> _Channel:
+    def _route(self, node_id: bytes, channel_id: bytes) -> Lane:
         ch = self._channels.get(channel_id)
         if ch is None:
             raise WrongChannel(f"no channel {channel_id.hex()[:16]} with {node_id.hex()[:16]}")
@@ -685,7 +572,7 @@ class Client:
             msg=msg, me=1, sign=self.signer.sign, policy=self.policy, window=self.window
         )
         status = FUNDING if self.require_funding else OPEN
-        self._channels[cid] = _Channel(machine, node_id, None, status)
+        self._channels[cid] = Lane(machine, node_id, None, status)
         self.outbox.add_op(PersistChannel(params=params, me=1, peer_node_id=node_id, status=status))
         self._emit(node_id, outputs)
 
@@ -773,6 +660,11 @@ async def open_client(
 
 
 __all__ = [
+    "CLOSED",
+    "CLOSING",
+    "FUNDING",
+    "OPEN",
+    "STATUSES",
     "ChannelInfo",
     "Client",
     "OpenPolicy",
