@@ -42,8 +42,9 @@ Conflict: when both parties propose at once, the party with the lower address wi
   the other's signed versions from crossing proposals and ``Sync`` (``peer_max_signed``)
   and numbers its retries above them.  The client adds turn-taking (see docs/protocol.md).
 
-Reconnect: each side sends ``Sync`` (latest co-signed, ``max_signed``, its
-  half-signed proposals).  A newer co-signed state from the peer is checked
+Reconnect: each side sends ``Sync`` (latest co-signed, ``max_signed``), then
+  its half-signed proposals again as ``Propose`` messages (a ``Sync`` may also
+  carry them inside, as earlier releases sent it).  A newer co-signed state from the peer is checked
   (both signatures, conservation) and adopted; the peer's half-signed
   proposals are then handled exactly like fresh ``Propose`` messages — so each
   is completed (accepted) or dropped (rejected), and both sides end on the same
@@ -258,6 +259,8 @@ class ChannelMachine:
         self.peer_address = params.participants[1 - me]
         #: The party with the higher address yields after a conflict.
         self.should_yield = self.my_address > self.peer_address
+        #: The last peer message was a ``Sync``, or a proposal it re-sent after it.
+        self._after_sync = False
 
     # -- constructors -------------------------------------------------------
 
@@ -359,24 +362,47 @@ class ChannelMachine:
     def window_full(self) -> bool:
         return len(self.pending) >= self.window
 
-    def sync_message(self) -> Sync | Open:
+    def sync_messages(self) -> list[Sync | Open | Propose]:
+        """What we tell a peer on (re)connect: ``Open`` while the channel is opening,
+        else ``Sync`` (latest co-signed, ``max_signed``) followed by each in-flight
+        proposal as its own ``Propose``.  Separate frames, so that a full window of
+        proposals with large app data never has to fit in one frame; the peer handles
+        them exactly as the proposals it would find inside a ``Sync``."""
         if self.latest is None:
             p = self.pending[0].proposal
-            return Open(params=self.params, state=p.state, signature=p.signature)
-        return Sync(
-            latest=self.latest,
-            max_signed=self.max_signed,
-            pending=tuple(f.proposal for f in self.pending),
-        )
+            return [Open(params=self.params, state=p.state, signature=p.signature)]
+        return [
+            Sync(latest=self.latest, max_signed=self.max_signed, pending=()),
+            *(f.proposal for f in self.pending),
+        ]
 
     # -- the dispatcher -----------------------------------------------------
 
     def handle(self, event: Input) -> list[Output]:
         """Advance the machine; raises only ``LocalProtocolError`` (our caller's mistake)."""
-        handler = _DISPATCH.get(type(event))
+        t = type(event)
+        handler = _DISPATCH.get(t)
         if handler is None:
-            raise TypeError(f"unknown input {type(event).__name__}")
+            raise TypeError(f"unknown input {t.__name__}")
+        if t is ReceiveSync:
+            self._after_sync = True
+        elif isinstance(event, ReceivePropose):
+            if self._after_sync and self._is_resent(event.msg):
+                return []
+            self._after_sync = False  # the re-sent ones come first, in version order
+        elif t is not ActionPropose:
+            self._after_sync = False
         return handler(self, event)
+
+    def _is_resent(self, p: Propose) -> bool:
+        """Right after its ``Sync`` the peer re-sends its in-flight proposals; those at or
+        below our latest co-signed version are settled by that ``Sync`` already (as
+        proposals inside a ``Sync`` are), so they are skipped rather than refused."""
+        return (
+            self.latest is not None
+            and p.state.channel_id == self.params.channel_id
+            and p.state.version <= self.latest.state.version
+        )
 
     # -- local actions ------------------------------------------------------
 
@@ -413,7 +439,7 @@ class ChannelMachine:
         ]
 
     def _on_connected(self, ev: ActionConnected) -> list[Output]:
-        return [SendMessage(self.sync_message())]
+        return [SendMessage(m) for m in self.sync_messages()]
 
     # -- the peer's messages -------------------------------------------------
 

@@ -26,6 +26,7 @@ from channel.errors import (
     WrongChannel,
 )
 from channel.keys import SECP256K1_N, Signer, verify
+from channel.limits import MAX_FRAME
 from channel.machine import (
     ActionConnected,
     ActionPropose,
@@ -805,6 +806,42 @@ def test_resync_after_lost_accepts_of_pipeline() -> None:
     assert link.a.m.latest is not None and link.a.m.latest.state.version == 3
     assert not link.a.of_type(NotifyRejected)
     assert [n.update_id for n in link.a.of_type(NotifyAccepted)] == [0, 1, 2, 3]
+
+
+def test_resync_of_a_window_larger_than_one_frame() -> None:
+    """Twenty in-flight proposals with 8 KB of app data each (160 KB, far over one
+    frame) all resync: the Sync and each re-sent proposal are frames of their own."""
+    link = Link()
+    link.open()
+    for _ in range(20):
+        link.propose(link.a, app_data=b"\x5a" * 8000)
+    link.reconnect()
+    assert all(len(codec.encode(m)) <= MAX_FRAME for m in link.a.outbox)
+    link.deliver_all()
+    assert link.a.m.latest == link.b.m.latest
+    assert link.a.m.latest is not None and link.a.m.latest.state.version == 20
+    assert [n.update_id for n in link.a.of_type(NotifyAccepted)] == list(range(21))
+    assert not link.a.errors() and not link.b.errors()
+
+
+def test_replayed_proposal_is_still_refused_outside_a_resync() -> None:
+    """Skipping re-sent proposals is only for the ones right after a Sync: the same old
+    proposal replayed later is refused as stale, and nothing changes."""
+    link = Link()
+    link.open()
+    link.propose(link.a)
+    old = link.a.outbox[0]
+    link.deliver_all()
+    link.reconnect()
+    link.deliver_all()
+    before = link.b.m.latest
+    link.propose(link.a)
+    link.deliver_all()  # an Accept: the resync is over
+    outs = link.inject(link.b, old)
+    assert any(isinstance(o, SendMessage) and isinstance(o.msg, Reject) for o in outs)
+    assert isinstance(link.b.errors()[-1], StaleVersion)
+    assert link.b.m.latest is not None and link.b.m.latest.state.version == 2
+    assert before is not None and before.state.version == 1
 
 
 def _forged_sync(link: Link, mutate: Callable[[SignedState, State], SignedState]) -> Sync:

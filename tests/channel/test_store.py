@@ -151,7 +151,7 @@ def test_machine_outputs_persist_and_resume(path: Path) -> None:
     )
     assert m2.latest == m.latest and m2.max_signed == m.max_signed == 2
     assert [p.proposal for p in m2.pending] == [p.proposal for p in m.pending]
-    assert m2.sync_message() == m.sync_message()
+    assert m2.sync_messages() == m.sync_messages()
     outs = m2.handle(ActionPropose(update_id=3, allocations=pay(m2.tip(), 0).allocations))
     (pp,) = [o for o in outs if isinstance(o, PersistProposal)]
     assert pp.state.version == 3 and pp.base_version == 2
