@@ -6,14 +6,14 @@ Parties: two spawned child processes, each running the real ``open_client`` (Tri
 BOLT 8 over loopback TCP, SQLite WAL ``synchronous=FULL`` store in a temp dir).
 "alice" opens a channel to "bob" and is the only proposer:
 
-* pipelined: N ``pay()`` calls started at once on one channel (window 64);
+* pipelined: N ``pay()`` calls from 4 x window caller tasks on one channel (window 256);
 * lock-step: M ``pay()`` calls awaited one at a time, each latency recorded.
 
 In the same run, a bare baseline: two processes doing only the co-signing over
 plain Trio TCP with 4-byte length-prefixed frames -- the same two-asset state,
 the same canonical-CBOR ``Propose``/``Accept`` messages (``channel.codec``), the
 EIP-712 digest (``channel.eip712``) and coincurve sign/recover (``channel.keys``),
-window 64 -- with no store, no encryption, no update machine.
+the same window -- with no store, no encryption, no update machine.
 
 ``--profile DIR`` writes cProfile stats of each child's Trio thread over the
 measured phases (``DIR/{alice,bob}.prof`` and ``.prof.txt``).
@@ -54,7 +54,7 @@ from _common import (
 )
 
 ETH = BALANCES[0][0]
-WINDOW = 64  # channel.limits.PIPELINE_WINDOW; --window overrides it for experiments
+WINDOW = 256  # channel.limits.PIPELINE_WINDOW; --window overrides it for experiments
 #: Cap on the all-at-once phase (each pay its own task).
 ALL_AT_ONCE_MAX = 5000
 WARMUP = 300
@@ -146,7 +146,7 @@ def alice_main(
                 await alice.pay(cid, ETH, 1)
 
             # (a) pipelined: N pays from 4 x window concurrent tasks, each awaiting its pays in
-            # turn, so the window (64) is always full and a queue of callers waits behind it.
+            # turn, so the window is always full and a line of updates waits behind it.
             ctl.send("prof_on")
             ctl.recv()
             prof.on()
@@ -363,6 +363,7 @@ def bare_proposer_main(
     n_lock: int,
     parent: Any,
     ctl: Any,
+    window: int = WINDOW,
 ) -> None:
     import cbor2
     import trio
@@ -429,7 +430,7 @@ def bare_proposer_main(
             nursery.start_soon(receiver)
             sent = 0
             while sent < n:
-                room = min(WINDOW - len(pending), n - sent)
+                room = min(window - len(pending), n - sent)
                 if room <= 0:
                     space = trio.Event()
                     await space.wait()
@@ -478,7 +479,7 @@ def bare_proposer_main(
     parent.send(run_trio(main))
 
 
-def run_bare(n_pipe: int, n_lock: int) -> dict[str, Any]:
+def run_bare(n_pipe: int, n_lock: int, window: int = WINDOW) -> dict[str, Any]:
     from channel.keys import Signer
 
     ctx = mp.get_context("spawn")
@@ -495,7 +496,7 @@ def run_bare(n_pipe: int, n_lock: int) -> dict[str, Any]:
     port = r_parent.recv()
     prop = ctx.Process(
         target=bare_proposer_main,
-        args=(a.secret_bytes(), b.address, port, n_pipe, n_lock, p_child, ctl_p),
+        args=(a.secret_bytes(), b.address, port, n_pipe, n_lock, p_child, ctl_p, window),
     )
     prop.start()
     try:
@@ -525,6 +526,11 @@ def main() -> None:
         help="pipeline window passed to open_client (experiments; default PIPELINE_WINDOW)",
     )
     ap.add_argument(
+        "--bare-window",
+        type=int,
+        help="pipeline window of the bare baseline (default: the same as --window)",
+    )
+    ap.add_argument(
         "--no-bare", action="store_true", help="skip the bare baseline (for profiling runs)"
     )
     args = ap.parse_args()
@@ -535,7 +541,8 @@ def main() -> None:
 
     t_start = time.perf_counter()
     log("bare baseline: co-signed updates over plain TCP (no store, no encryption)")
-    bare = run_bare(*((64, 64) if args.no_bare else (n_pipe, n_lock)))
+    bare_window = args.bare_window or args.window
+    bare = run_bare(*((64, 64) if args.no_bare else (n_pipe, n_lock)), window=bare_window)
     bare_n = 64 if args.no_bare else n_pipe
     bare_rate = bare_n / bare["pipelined_s"]
     log(f"  bare pipelined {bare_rate:,.0f}/s")
@@ -601,6 +608,7 @@ def main() -> None:
         "pipelined_updates": n_pipe,
         "lockstep_updates": n_lock,
         "window": args.window,
+        "bare_window": bare_window,
         "final_version": ch["final_version"],
         "seconds_total": round(time.perf_counter() - t_start, 1),
         "machine": machine_info(),
