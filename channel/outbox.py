@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,9 +38,6 @@ log = logging.getLogger("optichannel.outbox")
 #: saves).  Anything else commits in a worker thread, so that the loop keeps working
 #: (reading, verifying, signing) during the fsync.
 INLINE_COMMIT_OPS = 2
-#: ... and only if the previous commit ended at least this long ago (seconds): back-to-
-#: back commits mean pipelined traffic, where blocking the loop stalls both parties.
-INLINE_COMMIT_GAP = 0.0003
 
 
 #: The background checkpoint runs after this many commits (a commit writes a few WAL
@@ -185,7 +181,6 @@ class Outbox:
             committer.close()
 
     async def _run(self, committer: Committer) -> None:
-        last_commit = 0.0
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
@@ -198,13 +193,11 @@ class Outbox:
                 plan = self.store.prepare(ops)
                 if (
                     len(ops) <= INLINE_COMMIT_OPS
-                    and time.perf_counter() - last_commit >= INLINE_COMMIT_GAP
                     and trio.lowlevel.current_statistics().tasks_runnable == 0
                 ):
                     committer.commit_inline(plan)
                 else:
                     await committer.commit(plan)
-                last_commit = time.perf_counter()
             by_peer: dict[bytes, list[bytes]] = {}
             for peer, frame in sends:
                 by_peer.setdefault(peer, []).append(frame)
