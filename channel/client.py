@@ -479,6 +479,10 @@ class Client:
             ch = self._channels.get(cid)
             if ch is not None:
                 ch.last_progress = trio.current_time()
+                if isinstance(note, NotifyAccepted):
+                    ch.note_accepted()
+                elif note.retryable:
+                    ch.note_conflict()
                 self._pump(ch)  # a slot freed (or the channel just opened)
         elif isinstance(note, NotifyReceived):
             ch = self._channels.get(note.signed.state.channel_id)
@@ -491,6 +495,7 @@ class Client:
                 if ch is not None:
                     # The peer wants a turn: hold our next proposals briefly (see update()).
                     ch.conflict_at = trio.current_time()
+                    ch.note_conflict()
 
     # -- internals: what the links hand us -----------------------------------
 

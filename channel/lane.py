@@ -36,6 +36,12 @@ STATUSES = (FUNDING, OPEN, CLOSING, CLOSED)
 YIELD_QUIET = 0.005
 #: After winning a conflict, the longest a party waits for the peer to take its turn.
 YIELD_HOLD = 0.05
+#: After a conflict a lane proposes at most this many updates at once, and then one more
+#: for each of its proposals co-signed, back up to the full window.  When both sides
+#: keep a channel busy, every conflict burns the loser's whole window (and the winner's
+#: proposals that collide with it): a full window of 256 each way kept them burning
+#: versions for seconds, a small one settles in milliseconds.
+CONFLICT_WINDOW = 16
 
 
 @attrs.frozen(kw_only=True)
@@ -98,6 +104,18 @@ class Lane:
         self.conflict_at = -math.inf  # trio time of the last conflict we saw
         self.turn_given_at = -math.inf  # the conflict after which we last gave a turn
         self.incoming = trio.Event()  # set (and replaced) whenever we accept a proposal
+        self.full_window = machine.window
+
+    # -- the window ---------------------------------------------------------
+
+    def note_conflict(self) -> None:
+        """Both sides proposed at once: narrow the window (see ``CONFLICT_WINDOW``)."""
+        self.machine.window = min(self.machine.window, CONFLICT_WINDOW)
+
+    def note_accepted(self) -> None:
+        """A proposal of ours is co-signed: widen the window by one, up to the full one."""
+        if self.machine.window < self.full_window:
+            self.machine.window += 1
 
     # -- the line -----------------------------------------------------------
 
