@@ -56,8 +56,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeAlias
 
-import attrs
-
 from channel import codec
 from channel.codec import Accept, Open, Propose, Reject, Sync
 from channel.eip712 import state_digest
@@ -73,157 +71,37 @@ from channel.errors import (
     UpdateRejected,
     WrongChannel,
 )
+from channel.events import (
+    ROW_CHECK,
+    ROW_NEW,
+    ROW_OWN,
+    ActionConnected,
+    ActionPropose,
+    InFlight,
+    Input,
+    NotifyAccepted,
+    NotifyProtocolError,
+    NotifyReceived,
+    NotifyRejected,
+    Output,
+    PersistDropProposals,
+    PersistLatest,
+    PersistProposal,
+    ReceiveAccept,
+    ReceivePropose,
+    ReceiveReject,
+    ReceiveSync,
+    SendMessage,
+)
 from channel.keys import verify
 from channel.limits import PIPELINE_WINDOW
-from channel.state import Allocation, Params, SignedState, State
+from channel.state import Params, SignedState, State
 
 #: ``policy(params, latest, proposed) -> None`` to accept or a reason to reject.
 Policy: TypeAlias = Callable[[Params, State, State], "str | None"]
 Sign: TypeAlias = Callable[[bytes], bytes]
 
 REASON_CONFLICT = ProposalConflict.__name__
-
-
-# ---------------------------------------------------------------------------
-# inputs
-
-
-@attrs.frozen(kw_only=True)
-class ActionPropose:
-    """Our caller wants the next state to hold these allocations."""
-
-    update_id: int
-    allocations: tuple[Allocation, ...]
-    app_data: bytes = b""
-    is_final: bool = False
-
-
-@attrs.frozen
-class ActionConnected:
-    """The transport to the peer is up: tell it where we stand."""
-
-
-@attrs.frozen
-class ReceivePropose:
-    msg: Propose
-
-
-@attrs.frozen
-class ReceiveAccept:
-    msg: Accept
-
-
-@attrs.frozen
-class ReceiveReject:
-    msg: Reject
-
-
-@attrs.frozen
-class ReceiveSync:
-    msg: Sync
-
-
-Input: TypeAlias = (
-    ActionPropose | ActionConnected | ReceivePropose | ReceiveAccept | ReceiveReject | ReceiveSync
-)
-
-
-# ---------------------------------------------------------------------------
-# outputs
-
-
-@attrs.frozen(kw_only=True)
-class PersistProposal:
-    """Our half-signed proposal; durable before it is sent (it raises max_signed)."""
-
-    params: Params
-    me: int
-    base_version: int
-    state: State
-    signature: bytes
-
-
-#: How the store writes a ``PersistLatest`` (the machine knows, so the store need not look):
-#: a version we never signed (a plain insert), our own in-flight proposal now
-#: countersigned (complete that row), or anything else (check against what is stored).
-ROW_NEW, ROW_OWN, ROW_CHECK = "new", "own", "check"
-
-
-@attrs.frozen(kw_only=True)
-class PersistLatest:
-    """A new latest co-signed state; also retires our proposals up to its version."""
-
-    params: Params
-    signed: SignedState
-    row: str = ROW_CHECK
-
-
-@attrs.frozen(kw_only=True)
-class PersistDropProposals:
-    """Our in-flight proposals from ``from_version`` on are dead (their versions stay burned)."""
-
-    params: Params
-    from_version: int
-
-
-@attrs.frozen
-class SendMessage:
-    msg: codec.Message
-
-
-@attrs.frozen(kw_only=True)
-class NotifyAccepted:
-    """Our proposal ``update_id`` is co-signed (and durable).
-
-    ``signed`` is normally that proposal's state; after a resync it may be a newer
-    co-signed state that includes the update (the peer's signatures on the
-    intermediate versions were lost with the connection)."""
-
-    update_id: int
-    signed: SignedState
-
-
-@attrs.frozen(kw_only=True)
-class NotifyRejected:
-    update_id: int
-    channel_id: bytes
-    version: int
-    reason: str
-    retryable: bool
-
-
-@attrs.frozen(kw_only=True)
-class NotifyReceived:
-    """The peer's proposal is now co-signed by us (and durable)."""
-
-    signed: SignedState
-
-
-@attrs.frozen(kw_only=True)
-class NotifyProtocolError:
-    """The peer sent something we refused; state is unchanged."""
-
-    error: ChannelError
-    channel_id: bytes = b""
-
-
-Output: TypeAlias = (
-    PersistProposal
-    | PersistLatest
-    | PersistDropProposals
-    | SendMessage
-    | NotifyAccepted
-    | NotifyRejected
-    | NotifyReceived
-    | NotifyProtocolError
-)
-
-
-@attrs.frozen(kw_only=True)
-class InFlight:
-    update_id: int
-    proposal: Propose
-    digest: bytes
 
 
 class ChannelMachine:
@@ -692,3 +570,30 @@ _DISPATCH: dict[type, Callable[[ChannelMachine, object], list[Output]]] = {
     ReceiveReject: ChannelMachine._on_reject,  # type: ignore[dict-item]
     ReceiveSync: ChannelMachine._on_sync,  # type: ignore[dict-item]
 }
+
+__all__ = [
+    "REASON_CONFLICT",
+    "ROW_CHECK",
+    "ROW_NEW",
+    "ROW_OWN",
+    "ActionConnected",
+    "ActionPropose",
+    "ChannelMachine",
+    "InFlight",
+    "Input",
+    "NotifyAccepted",
+    "NotifyProtocolError",
+    "NotifyReceived",
+    "NotifyRejected",
+    "Output",
+    "PersistDropProposals",
+    "PersistLatest",
+    "PersistProposal",
+    "Policy",
+    "ReceiveAccept",
+    "ReceivePropose",
+    "ReceiveReject",
+    "ReceiveSync",
+    "SendMessage",
+    "Sign",
+]
