@@ -1,0 +1,114 @@
+"""The committer thread against a real SQLite store: results, errors, cancellation,
+and checkpoints between commits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from channel.errors import StoreError
+from channel.keys import Signer
+from channel.machine import PersistLatest, PersistProposal
+from channel.outbox import CHECKPOINT_EVERY_COMMITS, Committer
+from channel.state import ETH, Params, SignedState, State
+from channel.store import PersistChannel, Store
+
+ALICE = Signer.from_bytes(b"\x01" * 32)  # test-only keys
+BOB = Signer.from_bytes(b"\x02" * 32)
+
+
+def _setup(path: Path) -> tuple[Store, Params, State]:
+    store = Store(path, owner=ALICE.address)
+    params = Params.new(
+        chain_id=31337,
+        adjudicator=b"\xad" * 20,
+        participants=(ALICE.address, BOB.address),
+        challenge_duration=3600,
+    )
+    v0 = State.initial(params, [(ETH, 100, 100)])
+    sig = b"\x11" * 65  # the store does not verify signatures: the machine did
+    store.apply(
+        [
+            PersistChannel(params=params, me=0, peer_node_id=BOB.node_id),
+            PersistLatest(params=params, signed=SignedState(state=v0, signatures=(sig, sig))),
+        ]
+    )
+    return store, params, v0
+
+
+def _proposal(params: Params, base: State, version: int) -> PersistProposal:
+    state = State(channel_id=base.channel_id, version=version, allocations=base.allocations)
+    return PersistProposal(
+        params=params, me=0, base_version=version - 1, state=state, signature=b"\x22" * 65
+    )
+
+
+async def test_commit_in_the_thread_is_durable_when_it_returns(tmp_path: Path) -> None:
+    """After `await commit(plan)` the rows are in the file (read by a fresh connection)."""
+    store, params, v0 = _setup(tmp_path / "s.sqlite")
+    committer = Committer(store)
+    try:
+        await committer.commit(store.prepare([_proposal(params, v0, 1)]))
+        (rec,) = Store(tmp_path / "s.sqlite", owner=ALICE.address).load()
+        assert [f.proposal.state.version for f in rec.in_flight] == [1]
+    finally:
+        committer.close()
+        store.close()
+
+
+async def test_a_failing_commit_raises_in_the_caller_and_rolls_back(tmp_path: Path) -> None:
+    """A plan that breaks rule S raises StoreError in the awaiting task; the thread lives
+    on and commits the next plan."""
+    store, params, v0 = _setup(tmp_path / "s.sqlite")
+    committer = Committer(store)
+    try:
+        await committer.commit(store.prepare([_proposal(params, v0, 1)]))
+        with pytest.raises(StoreError, match="already signed"):
+            await committer.commit(
+                store.prepare([_proposal(params, v0, 2), _proposal(params, v0, 1)])
+            )
+        await committer.commit(store.prepare([_proposal(params, v0, 2)]))
+        (rec,) = store.load()
+        assert [f.proposal.state.version for f in rec.in_flight] == [1, 2]
+    finally:
+        committer.close()
+        store.close()
+
+
+async def test_cancelling_the_waiter_does_not_abandon_a_commit(tmp_path: Path) -> None:
+    """A commit in progress finishes (and is durable) even if the awaiting task is
+    cancelled: cancellation is delivered only after the commit is known."""
+    store, params, v0 = _setup(tmp_path / "s.sqlite")
+    committer = Committer(store)
+    try:
+        with trio.CancelScope() as scope:
+            scope.cancel()  # already cancelled when the commit is handed over
+            await committer.commit(store.prepare([_proposal(params, v0, 1)]))
+            await trio.lowlevel.checkpoint()  # ... and the cancellation arrives after it
+        assert scope.cancelled_caught
+        (rec,) = store.load()
+        assert [f.proposal.state.version for f in rec.in_flight] == [1]
+    finally:
+        committer.close()
+        store.close()
+
+
+async def test_checkpoints_run_between_commits(tmp_path: Path) -> None:
+    """Commits never checkpoint (the database file stays as it was) until the committer
+    queues its checkpoint after CHECKPOINT_EVERY_COMMITS commits."""
+    path = tmp_path / "s.sqlite"
+    store, params, v0 = _setup(path)
+    size = path.stat().st_size
+    committer = Committer(store)
+    try:
+        for v in range(1, CHECKPOINT_EVERY_COMMITS):
+            await committer.commit(store.prepare([_proposal(params, v0, v)]))
+        assert path.stat().st_size == size  # everything is still in the WAL
+        await committer.commit(store.prepare([_proposal(params, v0, CHECKPOINT_EVERY_COMMITS)]))
+        committer.close()  # joins the thread: the queued checkpoint has run
+        assert path.stat().st_size > size
+    finally:
+        committer.close()
+        store.close()
