@@ -172,30 +172,49 @@ def wait_result(conn: Any, proc: Any, timeout: float, what: str) -> Any:
     return conn.recv()
 
 
-def install_receive_yield_experiment() -> None:
-    """EXPERIMENT (off unless ``OPTICHANNEL_BENCH_RECV_YIELD=K`` is set): make
-    ``Connection.receive`` yield to the scheduler before every K-th message, so a
-    client's flusher can commit and send the first K answers of a burst while the
-    reader is still verifying the rest.  Tests a recommended change to
-    ``Client._reader`` without editing ``channel/``; never on by default."""
+#: What ``OPTICHANNEL_BENCH_ABLATE`` can switch off in the channel benchmark's children.
+ABLATIONS = ("crypto", "store")
+
+
+def ablations() -> list[str]:
+    """The ablations asked for in ``OPTICHANNEL_BENCH_ABLATE`` (comma-separated)."""
     import os
 
-    every = int(os.environ.get("OPTICHANNEL_BENCH_RECV_YIELD", "0"))
-    if every <= 0:
-        return
-    import trio.lowlevel
+    asked = [a for a in os.environ.get("OPTICHANNEL_BENCH_ABLATE", "").split(",") if a]
+    unknown = set(asked) - set(ABLATIONS)
+    if unknown:
+        raise SystemExit(f"unknown ablation(s) {sorted(unknown)}; known: {ABLATIONS}")
+    return asked
 
-    from channel.transport import Connection
 
-    original = Connection.receive
-    count = 0
+def install_ablations() -> None:
+    """EXPERIMENT (off unless ``OPTICHANNEL_BENCH_ABLATE`` is set): measure what the
+    client costs without a part, inside the benchmark's own children only.
 
-    async def receive(self: Connection) -> bytes:
-        nonlocal count
-        count += 1
-        if count % every == 0:
-            await trio.lowlevel.checkpoint()
-        return await original(self)
+    * ``crypto``: signing returns the signer's address padded to 65 bytes and recovery
+      reads it back (no secp256k1 at all: nothing is really signed);
+    * ``store``: a commit runs no SQL (nothing is durable).
 
-    Connection.receive = receive  # type: ignore[method-assign]
-    log(f"  EXPERIMENT: receive yields every {every} messages")
+    The JSON then carries ``"ablations"``: such figures are a breakdown of where the time
+    goes, never a result."""
+    asked = ablations()
+    if "crypto" in asked:
+        from channel import keys
+
+        def sign(self: keys.Signer, digest: bytes) -> bytes:
+            return self.address + bytes(44) + b"\x1b"
+
+        def recover(digest: bytes, signature: bytes) -> bytes:
+            return signature[:20]
+
+        keys.Signer.sign = sign  # type: ignore[method-assign]
+        keys.recover = recover
+    if "store" in asked:
+        from channel.store import Store
+
+        def commit(self: Store, plan: Any) -> None:
+            return None
+
+        Store.commit = commit  # type: ignore[method-assign]
+    if asked:
+        log(f"  EXPERIMENT: ablated {asked} (not a result)")

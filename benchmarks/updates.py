@@ -42,10 +42,11 @@ from _common import (
     CHAIN_ID,
     Profiler,
     StoreCounter,
+    ablations,
     cpu_seconds,
     delta,
     finish_pair,
-    install_receive_yield_experiment,
+    install_ablations,
     log,
     machine_info,
     percentile,
@@ -75,7 +76,7 @@ def bob_main(
 
     counter = StoreCounter()
     counter.install()
-    install_receive_yield_experiment()
+    install_ablations()
     prof = Profiler(profile)
 
     async def main() -> None:
@@ -119,7 +120,7 @@ def alice_main(
 
     counter = StoreCounter()
     counter.install()
-    install_receive_yield_experiment()
+    install_ablations()
     prof = Profiler(profile)
 
     def snap_both() -> tuple[dict[str, float], dict[str, float]]:
@@ -609,6 +610,7 @@ def main() -> None:
         "lockstep_updates": n_lock,
         "window": args.window,
         "bare_window": bare_window,
+        "ablations": ablations(),
         "final_version": ch["final_version"],
         "seconds_total": round(time.perf_counter() - t_start, 1),
         "machine": machine_info(),
