@@ -10,11 +10,11 @@ channel, and updates on many channels, share fsyncs this way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import outcome
 import trio
@@ -40,44 +40,80 @@ log = logging.getLogger("optichannel.outbox")
 INLINE_COMMIT_OPS = 2
 
 
-#: The WAL is checkpointed after this many commits (a commit writes a few WAL pages;
-#: SQLite's own automatic checkpoint would run every 1000 pages).
-CHECKPOINT_EVERY_COMMITS = 250
+#: The WAL is checkpointed after this many commits: a commit writes a few WAL pages, so
+#: the WAL stays at a few MB.  Rarely, because the checkpoint's fsync of the database
+#: can delay a commit that runs beside it: one lock-step update in ~330 meets one.
+CHECKPOINT_EVERY_COMMITS = 1000
 
-_CHECKPOINT = object()  # a job for the committer thread: checkpoint the WAL
+#: Committer threads per process.  Every store is served by one of them (so its commits
+#: stay in order); a process with many clients (a test harness, a hub of counterparties)
+#: shares a few threads instead of one per store, which would leave a hundred threads
+#: queueing for the GIL.
+COMMITTER_THREADS = 4
+
+
+class _Worker:
+    """A daemon thread that runs jobs (callables) from its queue, in order, forever."""
+
+    def __init__(self, index: int) -> None:
+        self.jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.thread = threading.Thread(
+            target=self._loop, name=f"optichannel-store-{index}", daemon=True
+        )
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                job()
+            except Exception:  # pragma: no cover - jobs catch their own errors
+                log.exception("store job failed")
+
+
+_workers: list[_Worker] = []
+_workers_lock = threading.Lock()
+_next_worker = 0
+
+
+def _worker_for_new_store() -> _Worker:
+    global _next_worker
+    with _workers_lock:
+        if len(_workers) < COMMITTER_THREADS:
+            _workers.append(_Worker(len(_workers)))
+        w = _workers[_next_worker % len(_workers)]
+        _next_worker += 1
+        return w
 
 
 class Committer:
-    """One long-lived thread per store that commits plans, one at a time, and
-    checkpoints the WAL between them, so that no commit pays for a checkpoint.
+    """Commits a store's plans on a committer thread, one at a time, and checkpoints
+    its WAL there between them, so that no commit pays for a checkpoint.
 
     ``trio.to_thread`` would do, but its thread cache often starts a fresh thread when
-    the flusher hands over the next plan before the last worker went idle; one thread
-    fed through a queue costs a wake-up per commit and nothing more.  A checkpoint runs
-    on the thread while the loop goes on: beside lock-step traffic (whose small commits
-    run inline on the loop) it costs nothing; in pipelined traffic it delays one commit
-    in 250, while the loop keeps filling the next batch."""
+    the flusher hands over the next plan before the last worker went idle; a long-lived
+    thread fed through a queue costs a wake-up per commit and nothing more.  A
+    checkpoint runs on the thread while the loop goes on: beside lock-step traffic
+    (whose small commits run inline on the loop) it costs nothing; in pipelined traffic
+    it delays one commit in 1000, while the loop keeps filling the next batch."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._worker = _worker_for_new_store()
         self._commits = 0  # since the last checkpoint was queued
         store.checkpoint_in_background()
-
-    def _submit(self, job: Any) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._loop, name="optichannel-store", daemon=True
-            )
-            self._thread.start()
-        self._jobs.put(job)
 
     def _counted(self) -> None:
         self._commits += 1
         if self._commits >= CHECKPOINT_EVERY_COMMITS:
             self._commits = 0
-            self._submit(_CHECKPOINT)
+            self._worker.jobs.put(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        try:
+            self.store.checkpoint()
+        except Exception:  # a failed checkpoint loses nothing: the WAL has it all
+            log.exception("WAL checkpoint failed")
 
     def commit_inline(self, plan: Plan) -> None:
         """Commit ``plan`` on the calling (Trio) thread: blocks for the fsync."""
@@ -85,36 +121,27 @@ class Committer:
         self._counted()
 
     async def commit(self, plan: Plan) -> None:
-        """Commit ``plan`` in the thread; not abandoned on cancellation (a commit that
-        started finishes, and its outcome is known, before this returns or raises)."""
-        self._submit((plan, trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()))
+        """Commit ``plan`` on the committer thread; not abandoned on cancellation (the
+        commit finishes, and its outcome is known, before this returns or raises)."""
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+
+        def job() -> None:
+            result = outcome.capture(self.store.commit, plan)
+            with contextlib.suppress(trio.RunFinishedError):  # the run ended under us
+                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+        self._worker.jobs.put(job)
         self._counted()
         result = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
         return result  # type: ignore[no-any-return]
 
     def close(self) -> None:
-        if self._thread is not None:
-            self._jobs.put(None)
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            if job is _CHECKPOINT:
-                try:
-                    self.store.checkpoint()
-                except Exception:  # a failed checkpoint loses nothing: the WAL has it all
-                    log.exception("WAL checkpoint failed")
-                continue
-            plan, token, task = job
-            result = outcome.capture(self.store.commit, plan)
-            try:
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
-            except trio.RunFinishedError:  # pragma: no cover - the run ended under us
-                return
+        """Wait (briefly) until the thread has run every job of this store, so that the
+        store can be closed under it."""
+        done = threading.Event()
+        self._worker.jobs.put(done.set)
+        done.wait(timeout=10)
 
 
 class Outbox:
