@@ -325,6 +325,9 @@ async def test_reorg_dropping_the_refute_is_resent_and_lands(
             receipt = await backend.receipt(first)
             assert receipt is not None
             await trio.sleep(4 * POLL)  # the submitter sees it mined, one confirmation
+            # From here blocks come only from mine_forever: with automine on, the
+            # submitter's re-send could land before the check below that it is gone.
+            await dev.set_automine(False)
             head = await backend.block("latest")
             if how == "anvil_reorg":
                 await dev.reorg(head.number - receipt.block_number + 1)
