@@ -128,6 +128,7 @@ class Client:
             signer,
             on_frame=lambda node_id, frame: self._on_frame(node_id, frame),
             on_connected=lambda node_id: self._on_connected(node_id),
+            pace=lambda: self.outbox.pace(),
             timeout=update_timeout,
         )
         self._waiters: dict[int, Waiter] = {}

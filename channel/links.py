@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -32,6 +32,9 @@ MAX_PEER_ERRORS = 100
 #: ``on_frame(node_id, frame) -> bool``: handle one frame; False if it was refused.
 OnFrame = Callable[[bytes, bytes], bool]
 OnConnected = Callable[[bytes], None]
+#: ``await pace()`` after each handled frame: returns at once, or once the client's
+#: flusher has caught up (backpressure from the outbox to every reader).
+Pace = Callable[[], Awaitable[None]]
 
 
 class Peer:
@@ -47,11 +50,18 @@ class Peer:
 
 class Links:
     def __init__(
-        self, signer: Signer, *, on_frame: OnFrame, on_connected: OnConnected, timeout: float
+        self,
+        signer: Signer,
+        *,
+        on_frame: OnFrame,
+        on_connected: OnConnected,
+        timeout: float,
+        pace: Pace | None = None,
     ) -> None:
         self.signer = signer
         self.on_frame = on_frame
         self.on_connected = on_connected
+        self.pace = pace
         self.timeout = timeout
         self.peers: dict[bytes, Peer] = {}
         self.dialing: set[bytes] = set()
@@ -191,3 +201,5 @@ class Links:
                 if peer.errors > MAX_PEER_ERRORS:
                     log.warning("peer %s sent too many bad frames; disconnecting", node_id.hex())
                     return
+            if self.pace is not None:
+                await self.pace()

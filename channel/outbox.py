@@ -40,6 +40,9 @@ log = logging.getLogger("optichannel.outbox")
 INLINE_COMMIT_OPS = 2
 
 
+#: Readers pause while this many store operations wait for the flusher (see ``pace``).
+PACE_BACKLOG = 256
+
 #: The WAL is checkpointed after this many commits: a commit writes a few WAL pages, so
 #: the WAL stays at a few MB.  Rarely, because the checkpoint's fsync of the database
 #: can delay a commit that runs beside it: one lock-step update in ~330 meets one.
@@ -162,6 +165,7 @@ class Outbox:
         self.notes: list[Output] = []
         self.wake = trio.Event()
         self.idle = trio.Event()
+        self.taken = trio.Event()  # set whenever the flusher takes the queue
 
     def emit(self, peer: bytes, outputs: Sequence[Output]) -> None:
         """Queue a machine step's outputs; ``peer`` is where its messages go."""
@@ -184,6 +188,16 @@ class Outbox:
         self.sends.append((peer, frame))
         self.wake.set()
 
+    async def pace(self) -> None:
+        """Backpressure for readers: wait while PACE_BACKLOG store operations are queued
+        and the flusher has not taken them.  Without it, a client with many links lets
+        every reader work through its whole socket buffer before anything is committed
+        and answered, and the two sides of a busy link end up taking turns."""
+        if len(self.ops) >= PACE_BACKLOG:
+            if self.taken.is_set():
+                self.taken = trio.Event()
+            await self.taken.wait()
+
     def busy(self) -> bool:
         return bool(self.ops or self.sends or self.notes)
 
@@ -201,6 +215,7 @@ class Outbox:
             self.wake = trio.Event()
             ops, sends, notes = self.ops, self.sends, self.notes
             self.ops, self.sends, self.notes = [], [], []
+            self.taken.set()
             if ops:
                 # Persist, then send: nothing below leaves before this fsync returns.
                 # The plan (encoding, checks) is built here; the worker thread then

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from channel.errors import StoreError
 from channel.keys import Signer
+from channel.links import Links
 from channel.machine import PersistLatest, PersistProposal
-from channel.outbox import CHECKPOINT_EVERY_COMMITS, Committer
+from channel.outbox import CHECKPOINT_EVERY_COMMITS, PACE_BACKLOG, Committer, Outbox
 from channel.state import ETH, Params, SignedState, State
-from channel.store import PersistChannel, Store
+from channel.store import PersistChannel, PersistStatus, Store
 
 ALICE = Signer.from_bytes(b"\x01" * 32)  # test-only keys
 BOB = Signer.from_bytes(b"\x02" * 32)
@@ -111,4 +113,34 @@ async def test_checkpoints_run_between_commits(tmp_path: Path) -> None:
         assert path.stat().st_size > size
     finally:
         committer.close()
+        store.close()
+
+
+async def test_readers_pause_while_the_flusher_is_behind(tmp_path: Path) -> None:
+    """With PACE_BACKLOG store operations queued, pace() waits until the flusher has
+    taken them (and then returns); below that it returns at once."""
+    store, params, _ = _setup(tmp_path / "s.sqlite")
+    links = Links(ALICE, on_frame=lambda n, f: True, on_connected=lambda n: None, timeout=1.0)
+    outbox = Outbox(store, links, on_note=lambda n: None, on_durable=lambda op: None)
+    with trio.fail_after(5):
+        await outbox.pace()  # nothing queued: no wait
+    for _ in range(PACE_BACKLOG):
+        outbox.add_op(PersistStatus(channel_id=params.channel_id, status="open"))
+    resumed = trio.Event()
+
+    async def reader() -> None:
+        await outbox.pace()
+        resumed.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not resumed.is_set()
+            nursery.start_soon(outbox.run)
+            with trio.fail_after(5):
+                await resumed.wait()
+                await outbox.drain()
+            nursery.cancel_scope.cancel()
+    finally:
         store.close()
