@@ -1,0 +1,356 @@
+"""What a batch of store operations becomes: the SQL steps of one transaction.
+
+``build_plan`` runs on the Trio thread (encoding, the checks that need no database);
+``Store.commit`` runs the steps in one transaction on the committer thread, so that
+thread holds the GIL only between SQLite calls.  One builder per operation type; runs
+of the hot-path operations (proposals, fresh co-signed states, completions of our own
+proposals) become one multi-row statement each.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Any, TypeAlias
+
+import attrs
+import cbor2
+
+from channel import codec
+from channel.errors import StoreError
+from channel.machine import (
+    ROW_NEW,
+    ROW_OWN,
+    PersistDropProposals,
+    PersistLatest,
+    PersistProposal,
+)
+from channel.state import Params, State
+
+IN_FLIGHT, COSIGNED, BURNED = 0, 1, 2
+
+
+@attrs.frozen(kw_only=True)
+class PersistChannel:
+    """A channel we are a party to; written before its first state."""
+
+    params: Params
+    me: int
+    peer_node_id: bytes
+    peer_addr: str | None = None
+    status: str = "open"
+
+
+@attrs.frozen(kw_only=True)
+class PersistStatus:
+    """A channel's new lifecycle status (``funding``, ``open``, ``closing``, ``closed``)."""
+
+    channel_id: bytes
+    status: str
+
+
+@attrs.frozen(kw_only=True)
+class PersistPeerAddress:
+    """Where to reach the peer of a channel from now on."""
+
+    channel_id: bytes
+    peer_addr: str
+
+
+StoreOp: TypeAlias = (
+    PersistChannel
+    | PersistStatus
+    | PersistPeerAddress
+    | PersistProposal
+    | PersistLatest
+    | PersistDropProposals
+)
+
+
+def _state_blob(state: State) -> bytes:
+    return cbor2.dumps(codec.state_to_wire(state), canonical=True)
+
+
+def build_plan(ops: Sequence[StoreOp]) -> Plan:
+    """The SQL of one transaction for ``ops``, in order; runs of the hot-path operations
+    (proposals, fresh co-signed states, our own proposals countersigned) become one
+    multi-row statement each.  Raises ``StoreError`` (e.g. a latest that would roll
+    back)."""
+    steps: list[Step] = []
+    batch = _Batch()
+    run: list[Any] = []
+    run_kind: object = None
+    for op in ops:
+        kind = _run_kind(op)
+        if kind is not run_kind and run:
+            steps.append(_RUNS[run_kind](run, batch))
+            run = []
+        run_kind = kind
+        if kind is None:
+            steps.append(_APPLY[type(op)](op, batch))
+        else:
+            run.append(op)
+    if run:
+        steps.append(_RUNS[run_kind](run, batch))
+    if steps:
+        steps.extend(_finish(batch))
+    return Plan(steps)
+
+
+# -- plans: one builder per op type, each returning the SQL step it needs ------
+
+#: One step of a transaction; raises ``StoreError`` when a check on the rows fails.
+Step: TypeAlias = Callable[[sqlite3.Connection], None]
+
+
+@attrs.frozen
+class Plan:
+    """The SQL of one group commit, built by :meth:`Store.prepare`."""
+
+    steps: list[Step]
+
+
+def _sql(sql: str, args: tuple[Any, ...]) -> Step:
+    def step(db: sqlite3.Connection) -> None:
+        db.execute(sql, args)
+
+    return step
+
+
+def _put_channel(op: PersistChannel, batch: _Batch) -> Step:
+    return _sql(
+        "INSERT INTO channels (channel_id, params, me, peer_node_id, peer_addr, status) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (channel_id) DO NOTHING",
+        (
+            op.params.channel_id,
+            cbor2.dumps(codec.params_to_wire(op.params), canonical=True),
+            op.me,
+            op.peer_node_id,
+            op.peer_addr,
+            op.status,
+        ),
+    )
+
+
+def _put_status(op: PersistStatus, batch: _Batch) -> Step:
+    return _sql("UPDATE channels SET status=? WHERE channel_id=?", (op.status, op.channel_id))
+
+
+def _put_peer_addr(op: PersistPeerAddress, batch: _Batch) -> Step:
+    return _sql("UPDATE channels SET peer_addr=? WHERE channel_id=?", (op.peer_addr, op.channel_id))
+
+
+def _sig_columns(me: int, sig: bytes) -> tuple[bytes | None, bytes | None]:
+    return (sig, None) if me == 0 else (None, sig)
+
+
+class _Batch:
+    """Per-channel effects of one batch, written once at its end (group commit)."""
+
+    def __init__(self) -> None:
+        self.max_signed: dict[bytes, int] = {}
+        self.latest: dict[bytes, int] = {}
+        self.burn_below: dict[bytes, int] = {}
+
+
+def _note_latest(batch: _Batch, cid: bytes, v: int) -> None:
+    if v <= batch.latest.get(cid, -1):
+        raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
+    batch.latest[cid] = v
+    batch.max_signed[cid] = max(v, batch.max_signed.get(cid, 0))
+
+
+_INSERT_STATE = (
+    "INSERT INTO states (channel_id, version, base_version, state, sig0, sig1, status) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+#: Rows per multi-row statement (SQLite allows 32,766 parameters in one statement).
+_ROWS_PER_STATEMENT = 512
+
+
+def _chunks(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    n = _ROWS_PER_STATEMENT
+    return [rows[i : i + n] for i in range(0, len(rows), n)]
+
+
+@lru_cache(maxsize=64)
+def _insert_sql(n: int) -> str:
+    return _INSERT_STATE + ", (?, ?, ?, ?, ?, ?, ?)" * (n - 1)
+
+
+@lru_cache(maxsize=64)
+def _complete_sql(n: int) -> str:
+    # One statement for the whole run (the rows name their key and the peer's
+    # signature): the committer thread then takes the GIL once, not once per row.
+    return (
+        "UPDATE states SET sig0 = v.column3, sig1 = v.column4, status = ? "
+        "FROM (VALUES " + ", ".join(["(?, ?, ?, ?)"] * n) + ") AS v "
+        "WHERE states.channel_id = v.column1 AND states.version = v.column2 "
+        "AND states.status = ?"
+    )
+
+
+def _insert_run(run: list[PersistProposal | PersistLatest], batch: _Batch) -> Step:
+    """Versions we sign for the first time: our proposals and the peer's proposals we
+    countersign.  A row already there means we signed that version before: rule S
+    forbids a second state, so the whole batch is refused."""
+    rows = []
+    for op in run:
+        cid = op.params.channel_id
+        if isinstance(op, PersistProposal):
+            v = op.state.version
+            s0, s1 = _sig_columns(op.me, op.signature)
+            rows.append((cid, v, op.base_version, _state_blob(op.state), s0, s1, IN_FLIGHT))
+            batch.max_signed[cid] = max(v, batch.max_signed.get(cid, 0))
+        else:
+            st = op.signed.state
+            v = st.version
+            _note_latest(batch, cid, v)
+            sig0, sig1 = op.signed.signatures
+            rows.append((cid, v, v - 1 if v else 0, _state_blob(st), sig0, sig1, COSIGNED))
+    first = run[0].params.channel_id.hex()[:16]
+    statements = [(_insert_sql(len(c)), [x for row in c for x in row]) for c in _chunks(rows)]
+
+    def step(db: sqlite3.Connection) -> None:
+        try:
+            for sql, args in statements:
+                db.execute(sql, args)
+        except sqlite3.IntegrityError:
+            raise StoreError(
+                f"channel {first}: a version in v{rows[0][1]!r}..v{rows[-1][1]!r} "
+                "is already signed (rule S)"
+            ) from None
+
+    return step
+
+
+def _complete_run(run: list[PersistLatest], batch: _Batch) -> Step:
+    """Our own in-flight proposals, now countersigned: add the peer's signature to the
+    very row we wrote before sending (no re-encoding; the machine names the row)."""
+    rows = []
+    for op in run:
+        cid = op.params.channel_id
+        v = op.signed.state.version
+        _note_latest(batch, cid, v)
+        sig0, sig1 = op.signed.signatures
+        rows.append((cid, v, sig0, sig1))
+    first = run[0].params.channel_id.hex()[:16]
+    statements = [
+        (_complete_sql(len(c)), len(c), [COSIGNED, *(x for row in c for x in row), IN_FLIGHT])
+        for c in _chunks(rows)
+    ]
+
+    def step(db: sqlite3.Connection) -> None:
+        for sql, n, args in statements:
+            if db.execute(sql, args).rowcount != n:
+                raise StoreError(
+                    f"channel {first}: v{rows[0][1]!r}..v{rows[-1][1]!r} "
+                    "are not all our in-flight proposals"
+                )
+
+    return step
+
+
+def _put_latest(op: PersistLatest, batch: _Batch) -> Step:
+    """Any other co-signed state (adopted on resync): it may complete a state we signed
+    at that version, but only that very state (rule S)."""
+    cid = op.params.channel_id
+    s = op.signed
+    v = s.state.version
+    _note_latest(batch, cid, v)
+    batch.burn_below[cid] = v
+    blob = _state_blob(s.state)
+    sig0, sig1 = s.signatures
+
+    def step(db: sqlite3.Connection) -> None:
+        cur = db.execute(
+            _INSERT_STATE + " ON CONFLICT DO NOTHING",
+            (cid, v, v - 1 if v else 0, blob, sig0, sig1, COSIGNED),
+        )
+        if cur.rowcount != 1:
+            cur = db.execute(
+                "UPDATE states SET sig0=?, sig1=?, status=? "
+                "WHERE channel_id=? AND version=? AND state=?",
+                (sig0, sig1, COSIGNED, cid, v, blob),
+            )
+            if cur.rowcount != 1:
+                raise StoreError(
+                    f"channel {cid.hex()[:16]}: v{v} differs from the state we signed there "
+                    "(rule S)"
+                )
+
+    return step
+
+
+def _finish(batch: _Batch) -> list[Step]:
+    steps = []
+    for cid, v in batch.latest.items():
+        steps.append(_set_latest(cid, v, batch.max_signed[cid]))
+    for cid, v in batch.burn_below.items():
+        # An adopted state retires whatever we still had in flight below it.
+        steps.append(
+            _sql(
+                "UPDATE states SET status=? WHERE channel_id=? AND status=? AND version<?",
+                (BURNED, cid, IN_FLIGHT, v),
+            )
+        )
+    for cid, v in batch.max_signed.items():
+        if cid not in batch.latest:
+            steps.append(
+                _sql(
+                    "UPDATE channels SET max_signed = max(max_signed, ?) WHERE channel_id=?",
+                    (v, cid),
+                )
+            )
+    return steps
+
+
+def _set_latest(cid: bytes, v: int, max_signed: int) -> Step:
+    def step(db: sqlite3.Connection) -> None:
+        cur = db.execute(
+            "UPDATE channels SET latest_version=?, max_signed=max(max_signed, ?) "
+            "WHERE channel_id=? AND (latest_version IS NULL OR latest_version < ?)",
+            (v, max_signed, cid, v),
+        )
+        if cur.rowcount != 1:
+            raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
+
+    return step
+
+
+def _drop_proposals(op: PersistDropProposals, batch: _Batch) -> Step:
+    return _sql(
+        "UPDATE states SET status=? WHERE channel_id=? AND status=? AND version>=?",
+        (BURNED, op.params.channel_id, IN_FLIGHT, op.from_version),
+    )
+
+
+_APPLY: dict[type, Callable[[Any, _Batch], Step]] = {
+    PersistChannel: _put_channel,
+    PersistStatus: _put_status,
+    PersistPeerAddress: _put_peer_addr,
+    PersistLatest: _put_latest,
+    PersistDropProposals: _drop_proposals,
+}
+
+_INSERT, _COMPLETE = object(), object()
+_RUNS: dict[object, Callable[[Any, _Batch], Step]] = {
+    _INSERT: _insert_run,
+    _COMPLETE: _complete_run,
+}
+
+
+def _run_kind(op: object) -> object:
+    """Which run an op joins (``None``: applied on its own)."""
+    t = type(op)
+    if t is PersistProposal:
+        return _INSERT
+    if t is PersistLatest:
+        row = op.row  # type: ignore[attr-defined]
+        if row == ROW_NEW:
+            return _INSERT
+        if row == ROW_OWN:
+            return _COMPLETE
+    return None
