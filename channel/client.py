@@ -7,7 +7,7 @@ outputs with one rule (DESIGN §4): **persist, then send, then notify**.
 
 Group commit: every machine step appends its outputs to one outbox; a single
 flusher task takes everything that is there, commits all store operations in
-one SQLite transaction (one fsync, in a worker thread), then queues the frames
+one SQLite transaction (one fsync, on a committer thread), then queues the frames
 on each peer's writer task, then wakes the waiting callers.  Pipelined updates
 on one channel, and updates on many channels, share fsyncs this way.
 

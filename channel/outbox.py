@@ -3,7 +3,7 @@ notify (DESIGN §4) — and shares fsyncs between everything that is ready (grou
 
 Every machine step appends its outputs (:meth:`Outbox.emit`).  One task (:meth:`run`)
 takes everything that is there, commits all store operations in one SQLite transaction
-(on the Trio thread for a small batch, in a worker thread otherwise), then hands the
+(inline for a lone operation when the loop is idle, else on a committer thread), then hands the
 frames to each peer's writer, then wakes the waiting callers.  Pipelined updates on one
 channel, and updates on many channels, share fsyncs this way.
 """
@@ -35,7 +35,7 @@ log = logging.getLogger("optichannel.outbox")
 
 #: A batch of up to this many store operations commits on the Trio thread when the loop
 #: is otherwise idle (lock-step traffic: the thread hand-off would cost more than it
-#: saves).  Anything else commits in a worker thread, so that the loop keeps working
+#: saves).  Anything else commits on the committer thread, so that the loop keeps working
 #: (reading, verifying, signing) during the fsync.
 INLINE_COMMIT_OPS = 2
 
@@ -218,7 +218,7 @@ class Outbox:
             self.taken.set()
             if ops:
                 # Persist, then send: nothing below leaves before this fsync returns.
-                # The plan (encoding, checks) is built here; the worker thread then
+                # The plan (encoding, checks) is built here; the committer thread then
                 # only runs SQL, so it seldom holds the GIL the loop needs.
                 plan = self.store.prepare(ops)
                 if (

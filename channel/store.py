@@ -181,7 +181,7 @@ class Store:
     def prepare(self, ops: Sequence[StoreOp]) -> Plan:
         """Turn ``ops`` into the SQL of one transaction (see ``channel.storeplan``).
         Pure Python: run it on the caller's thread, and :meth:`commit` the plan in a
-        worker thread, where it holds the GIL only between SQLite calls.  Raises
+        committer thread, where it holds the GIL only between SQLite calls.  Raises
         ``StoreError`` (e.g. a latest that would roll back)."""
         return build_plan(ops)
 

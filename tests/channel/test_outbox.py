@@ -3,8 +3,10 @@ and checkpoints between commits."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -47,73 +49,76 @@ def _proposal(params: Params, base: State, version: int) -> PersistProposal:
     )
 
 
-async def test_commit_in_the_thread_is_durable_when_it_returns(tmp_path: Path) -> None:
-    """After `await commit(plan)` the rows are in the file (read by a fresh connection)."""
-    store, params, v0 = _setup(tmp_path / "s.sqlite")
-    committer = Committer(store)
-    try:
-        await committer.commit(store.prepare([_proposal(params, v0, 1)]))
-        (rec,) = Store(tmp_path / "s.sqlite", owner=ALICE.address).load()
-        assert [f.proposal.state.version for f in rec.in_flight] == [1]
-    finally:
-        committer.close()
-        store.close()
+@attrs.frozen
+class Rig:
+    path: Path
+    store: Store
+    params: Params
+    v0: State
+    committer: Committer
+
+    async def propose(self, *versions: int) -> None:
+        """Commit our proposals at ``versions`` (one plan) through the committer."""
+        plan = self.store.prepare([_proposal(self.params, self.v0, v) for v in versions])
+        await self.committer.commit(plan)
 
 
-async def test_a_failing_commit_raises_in_the_caller_and_rolls_back(tmp_path: Path) -> None:
-    """A plan that breaks rule S raises StoreError in the awaiting task; the thread lives
-    on and commits the next plan."""
-    store, params, v0 = _setup(tmp_path / "s.sqlite")
-    committer = Committer(store)
-    try:
-        await committer.commit(store.prepare([_proposal(params, v0, 1)]))
-        with pytest.raises(StoreError, match="already signed"):
-            await committer.commit(
-                store.prepare([_proposal(params, v0, 2), _proposal(params, v0, 1)])
-            )
-        await committer.commit(store.prepare([_proposal(params, v0, 2)]))
-        (rec,) = store.load()
-        assert [f.proposal.state.version for f in rec.in_flight] == [1, 2]
-    finally:
-        committer.close()
-        store.close()
+def _in_flight(store: Store) -> list[int]:
+    (rec,) = store.load()
+    return [f.proposal.state.version for f in rec.in_flight]
 
 
-async def test_cancelling_the_waiter_does_not_abandon_a_commit(tmp_path: Path) -> None:
-    """A commit in progress finishes (and is durable) even if the awaiting task is
-    cancelled: cancellation is delivered only after the commit is known."""
-    store, params, v0 = _setup(tmp_path / "s.sqlite")
-    committer = Committer(store)
-    try:
-        with trio.CancelScope() as scope:
-            scope.cancel()  # already cancelled when the commit is handed over
-            await committer.commit(store.prepare([_proposal(params, v0, 1)]))
-            await trio.lowlevel.checkpoint()  # ... and the cancellation arrives after it
-        assert scope.cancelled_caught
-        (rec,) = store.load()
-        assert [f.proposal.state.version for f in rec.in_flight] == [1]
-    finally:
-        committer.close()
-        store.close()
-
-
-async def test_checkpoints_run_between_commits(tmp_path: Path) -> None:
-    """Commits never checkpoint (the database file stays as it was) until the committer
-    queues its checkpoint after CHECKPOINT_EVERY_COMMITS commits."""
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
     path = tmp_path / "s.sqlite"
     store, params, v0 = _setup(path)
-    size = path.stat().st_size
     committer = Committer(store)
+    yield Rig(path=path, store=store, params=params, v0=v0, committer=committer)
+    committer.close()
+    store.close()
+
+
+async def test_commit_in_the_thread_is_durable_when_it_returns(rig: Rig) -> None:
+    """After `await commit(plan)` the rows are in the file (read by a fresh connection)."""
+    await rig.propose(1)
+    other = Store(rig.path, owner=ALICE.address)
     try:
-        for v in range(1, CHECKPOINT_EVERY_COMMITS):
-            await committer.commit(store.prepare([_proposal(params, v0, v)]))
-        assert path.stat().st_size == size  # everything is still in the WAL
-        await committer.commit(store.prepare([_proposal(params, v0, CHECKPOINT_EVERY_COMMITS)]))
-        committer.close()  # joins the thread: the queued checkpoint has run
-        assert path.stat().st_size > size
+        assert _in_flight(other) == [1]
     finally:
-        committer.close()
-        store.close()
+        other.close()
+
+
+async def test_a_failing_commit_raises_in_the_caller_and_rolls_back(rig: Rig) -> None:
+    """A plan that breaks rule S raises StoreError in the awaiting task; the thread lives
+    on and commits the next plan."""
+    await rig.propose(1)
+    with pytest.raises(StoreError, match="already signed"):
+        await rig.propose(2, 1)
+    await rig.propose(2)
+    assert _in_flight(rig.store) == [1, 2]
+
+
+async def test_cancelling_the_waiter_does_not_abandon_a_commit(rig: Rig) -> None:
+    """A commit in progress finishes (and is durable) even if the awaiting task is
+    cancelled: cancellation is delivered only after the commit is known."""
+    with trio.CancelScope() as scope:
+        scope.cancel()  # already cancelled when the commit is handed over
+        await rig.propose(1)
+        await trio.lowlevel.checkpoint()  # ... and the cancellation arrives after it
+    assert scope.cancelled_caught
+    assert _in_flight(rig.store) == [1]
+
+
+async def test_checkpoints_run_between_commits(rig: Rig) -> None:
+    """Commits never checkpoint (the database file stays as it was) until the committer
+    queues its checkpoint after CHECKPOINT_EVERY_COMMITS commits."""
+    size = rig.path.stat().st_size
+    for v in range(1, CHECKPOINT_EVERY_COMMITS):
+        await rig.propose(v)
+    assert rig.path.stat().st_size == size  # everything is still in the WAL
+    await rig.propose(CHECKPOINT_EVERY_COMMITS)
+    rig.committer.close()  # waits until the thread ran this store's jobs: the checkpoint too
+    assert rig.path.stat().st_size > size
 
 
 async def test_readers_pause_while_the_flusher_is_behind(tmp_path: Path) -> None:
