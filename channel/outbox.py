@@ -44,9 +44,9 @@ INLINE_COMMIT_OPS = 2
 PACE_BACKLOG = 256
 
 #: The WAL is checkpointed after this many commits: a commit writes a few WAL pages, so
-#: the WAL stays at a few MB.  Rarely, because the checkpoint's fsync of the database
-#: can delay a commit that runs beside it: one lock-step update in ~330 meets one.
-CHECKPOINT_EVERY_COMMITS = 1000
+#: the WAL stays at a few MB and is then written over from its start.  Not more often:
+#: a checkpoint costs two fsyncs, and the store's next commit waits for it.
+CHECKPOINT_EVERY_COMMITS = 500
 
 #: Committer threads per process.  Every store is served by one of them (so its commits
 #: stay in order); a process with many clients (a test harness, a hub of counterparties)
@@ -104,6 +104,9 @@ class Committer:
         self.store = store
         self._worker = _worker_for_new_store()
         self._commits = 0  # since the last checkpoint was queued
+        # Held by a commit or a checkpoint: a checkpoint never runs beside a commit of
+        # its store, so it copies the whole WAL and the next commit starts it over.
+        self._lock = threading.Lock()
         store.checkpoint_in_background()
 
     def _counted(self) -> None:
@@ -114,14 +117,27 @@ class Committer:
 
     def _checkpoint(self) -> None:
         try:
-            self.store.checkpoint()
+            with self._lock:
+                self.store.checkpoint()
         except Exception:  # a failed checkpoint loses nothing: the WAL has it all
             log.exception("WAL checkpoint failed")
 
-    def commit_inline(self, plan: Plan) -> None:
-        """Commit ``plan`` on the calling (Trio) thread: blocks for the fsync."""
-        self.store.commit(plan)
+    def _commit(self, plan: Plan) -> None:
+        with self._lock:
+            self.store.commit(plan)
+
+    def try_commit_inline(self, plan: Plan) -> bool:
+        """Commit ``plan`` on the calling (Trio) thread, blocking for the fsync, unless
+        the committer thread is busy with this store (a checkpoint): then do nothing
+        and return False, and the caller hands the plan over with :meth:`commit`."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            self.store.commit(plan)
+        finally:
+            self._lock.release()
         self._counted()
+        return True
 
     async def commit(self, plan: Plan) -> None:
         """Commit ``plan`` on the committer thread; not abandoned on cancellation (the
@@ -130,7 +146,7 @@ class Committer:
         task = trio.lowlevel.current_task()
 
         def job() -> None:
-            result = outcome.capture(self.store.commit, plan)
+            result = outcome.capture(self._commit, plan)
             with contextlib.suppress(trio.RunFinishedError):  # the run ended under us
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
@@ -221,12 +237,11 @@ class Outbox:
                 # The plan (encoding, checks) is built here; the committer thread then
                 # only runs SQL, so it seldom holds the GIL the loop needs.
                 plan = self.store.prepare(ops)
-                if (
+                if not (
                     len(ops) <= INLINE_COMMIT_OPS
                     and trio.lowlevel.current_statistics().tasks_runnable == 0
+                    and committer.try_commit_inline(plan)
                 ):
-                    committer.commit_inline(plan)
-                else:
                     await committer.commit(plan)
             by_peer: dict[bytes, list[bytes]] = {}
             for peer, frame in sends:

@@ -50,6 +50,10 @@ from channel.storeplan import (
 
 SCHEMA_VERSION = 1
 
+#: A WAL that grew past this (a checkpoint held back by a long read) is cut back to it
+#: when it starts over; below it, the file is reused, never shrunk (see ``checkpoint``).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
 _MIGRATIONS: dict[int, list[str]] = {
     1: [
         """CREATE TABLE channels (
@@ -121,10 +125,17 @@ class Store:
         of several milliseconds on one update in a few hundred.  A passive checkpoint
         on a second connection does the same work beside the writer."""
         self._db.execute("PRAGMA wal_autocheckpoint=0")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
 
-    def checkpoint(self) -> None:
-        """Copy committed WAL pages into the database (passive: never blocks the writer).
-        Thread-safe against commits; call it from one thread at a time."""
+    def checkpoint(self) -> bool:
+        """Copy committed WAL pages into the database (passive: never blocks the writer);
+        True if every page was copied, so that the next commit starts the WAL over from
+        its beginning.  Thread-safe against commits; call it from one thread at a time.
+
+        Run it between commits, not beside one: a commit that lands while it runs
+        leaves the WAL not fully copied, the next commit appends instead of starting
+        over, and a WAL that only grows costs every commit twice (appending to a file
+        makes its fsync flush the file system's journal too: 0.52 against 0.27 ms)."""
         if self._checkpointer is None:
             self._checkpointer = sqlite3.connect(
                 str(self.path), isolation_level=None, check_same_thread=False
@@ -132,9 +143,12 @@ class Store:
             self._checkpointer.execute("PRAGMA synchronous=FULL")
             self._checkpointer.execute("PRAGMA busy_timeout=5000")
         try:
-            self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            ((busy, wal_pages, copied),) = self._checkpointer.execute(
+                "PRAGMA wal_checkpoint(PASSIVE)"
+            ).fetchall()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: checkpoint failed: {exc}") from None
+        return not busy and wal_pages == copied
 
     # -- schema ---------------------------------------------------------------
 

@@ -3,6 +3,8 @@ and checkpoints between commits."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,3 +151,67 @@ async def test_readers_pause_while_the_flusher_is_behind(tmp_path: Path) -> None
             nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+async def test_the_wal_stays_bounded_with_inline_and_threaded_commits(rig: Rig) -> None:
+    """Checkpoints never run beside a commit of their store, so each one copies the
+    whole WAL and the WAL is written over instead of growing: after three more
+    checkpoint periods of mixed inline and committer-thread commits it has grown by a
+    little (the tables are deeper), not to four times its size."""
+    wal = rig.path.with_name(rig.path.name + "-wal")
+    version = 0
+
+    async def period() -> None:
+        nonlocal version
+        for _ in range(CHECKPOINT_EVERY_COMMITS // 2):
+            version += 1
+            plan = rig.store.prepare([_proposal(rig.params, rig.v0, version)])
+            if not rig.committer.try_commit_inline(plan):
+                await rig.committer.commit(plan)
+            version += 1
+            await rig.propose(version)
+
+    await period()
+    version += 1
+    await rig.propose(version)  # the first commit after the checkpoint: a new WAL
+    first = wal.stat().st_size
+    for _ in range(3):
+        await period()
+    assert wal.stat().st_size < 1.5 * first
+    assert _in_flight(rig.store) == list(range(1, version + 1))
+
+
+async def test_an_inline_commit_defers_to_a_running_checkpoint(rig: Rig) -> None:
+    """While the committer thread holds the store (a checkpoint), try_commit_inline does
+    nothing and says so; the plan then commits through the thread."""
+    plan = rig.store.prepare([_proposal(rig.params, rig.v0, 1)])
+    with rig.committer._lock:
+        assert rig.committer.try_commit_inline(plan) is False
+    assert _in_flight(rig.store) == []
+    assert rig.committer.try_commit_inline(plan) is True
+    assert _in_flight(rig.store) == [1]
+
+
+async def test_a_checkpoint_waits_for_the_commit_in_progress(rig: Rig) -> None:
+    """A checkpoint queued while a commit of its store is in progress (here an inline
+    one, held open mid-transaction) runs only after that commit."""
+    await rig.propose(1)
+    entered, release = threading.Event(), threading.Event()
+
+    def held_open(db: sqlite3.Connection) -> None:
+        entered.set()
+        release.wait(5)
+
+    plan = rig.store.prepare([_proposal(rig.params, rig.v0, 2)])
+    plan.steps.insert(0, held_open)
+    committing = threading.Thread(target=rig.committer.try_commit_inline, args=(plan,))
+    committing.start()
+    assert entered.wait(5)
+    checkpointed = threading.Event()
+    rig.committer._worker.jobs.put(rig.committer._checkpoint)
+    rig.committer._worker.jobs.put(checkpointed.set)
+    assert not checkpointed.wait(0.3)  # the checkpoint waits for the commit
+    release.set()
+    committing.join(5)
+    assert checkpointed.wait(5)
+    assert _in_flight(rig.store) == [1, 2]

@@ -414,3 +414,38 @@ def test_background_checkpoint_copies_the_wal_and_commits_never_do(path: Path) -
     store.close()
     (rec,) = Store(path, owner=ALICE.address).load()
     assert rec.latest == cosign(f.params, states[400])
+
+
+def test_a_complete_checkpoint_lets_the_wal_start_over(path: Path) -> None:
+    """checkpoint() reports whether it copied the whole WAL.  A snapshot held by a reader
+    keeps it from doing so (False); once the reader is gone it does (True), and the
+    commits after it write the WAL over from its start instead of growing it."""
+    store = Store(path, owner=ALICE.address)
+    store.checkpoint_in_background()
+    f = opened(store)
+    wal = path.with_name(path.name + "-wal")
+    states = [f.v0]
+
+    def commit_pays(n: int) -> None:
+        for _ in range(n):
+            v = len(states)
+            states.append(pay(states[-1], v, 0))
+            store.apply([proposal(f.params, v - 1, states[v])])
+
+    commit_pays(50)
+    reader = sqlite3.connect(str(path), isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM states").fetchall()  # a snapshot at 50 pays
+    commit_pays(50)
+    assert store.checkpoint() is False  # the pages after the reader's snapshot stay
+    reader.execute("COMMIT")
+    reader.close()
+    assert store.checkpoint() is True
+    size = wal.stat().st_size
+    for _ in range(3):
+        commit_pays(50)
+        assert store.checkpoint() is True
+        assert wal.stat().st_size <= size  # written over, not appended to
+    store.close()
+    (rec,) = Store(path, owner=ALICE.address).load()
+    assert [p.proposal.state.version for p in rec.in_flight] == list(range(1, 251))
