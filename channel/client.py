@@ -27,25 +27,20 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import attrs
 import trio
 import trio.lowlevel
 
-from channel import codec
-from channel.codec import Accept, Error, Open, Propose, Reject, Sync
 from channel.errors import (
-    ChannelError,
-    FundsAtRiskError,
     LocalProtocolError,
     PeerTimeout,
     ProposalConflict,
     TransportError,
-    UnknownPeer,
     UpdateRejected,
-    WrongChannel,
 )
+from channel.inbound import Inbound, OpenPolicy, ask_policy
 from channel.keys import Signer, address_of_node_id
 from channel.lane import (
     CLOSED,
@@ -62,7 +57,6 @@ from channel.lane import (
 from channel.limits import PIPELINE_WINDOW, UPDATE_TIMEOUT
 from channel.links import Links
 from channel.machine import (
-    ActionConnected,
     ActionPropose,
     ChannelMachine,
     NotifyAccepted,
@@ -72,10 +66,6 @@ from channel.machine import (
     Output,
     PersistLatest,
     Policy,
-    ReceiveAccept,
-    ReceivePropose,
-    ReceiveReject,
-    ReceiveSync,
 )
 from channel.outbox import Outbox
 from channel.state import Allocation, Params, SignedState, State
@@ -84,8 +74,6 @@ from channel.transport import Listening, PeerAddress, serve
 
 log = logging.getLogger("optichannel.client")
 
-#: ``open_policy(params, initial_state) -> None`` to accept a new channel, or a reason.
-OpenPolicy: TypeAlias = Callable[[Params, State], "str | None"]
 #: Called (synchronously, after it is durable) with every new co-signed state.
 StateListener: TypeAlias = Callable[[Params, SignedState], None]
 
@@ -126,8 +114,8 @@ class Client:
         self._channels: dict[bytes, Lane] = {}
         self.links = Links(
             signer,
-            on_frame=lambda node_id, frame: self._on_frame(node_id, frame),
-            on_connected=lambda node_id: self._on_connected(node_id),
+            on_frame=lambda node_id, frame: self.inbound.on_frame(node_id, frame),
+            on_connected=lambda node_id: self.inbound.on_connected(node_id),
             pace=lambda: self.outbox.pace(),
             timeout=update_timeout,
         )
@@ -136,6 +124,16 @@ class Client:
         self._listeners: list[StateListener] = []
         self._nursery: trio.Nursery | None = None
         self.outbox = Outbox(store, self.links, on_note=self._notify, on_durable=self._on_durable)
+        self.inbound = Inbound(
+            signer=signer,
+            channels=self._channels,
+            outbox=self.outbox,
+            policy=self.policy,
+            open_policy=open_policy,
+            window=window,
+            require_funding=require_funding,
+            pump=self._pump,
+        )
         self._load()
 
     # -- public API ---------------------------------------------------------
@@ -367,7 +365,7 @@ class Client:
         if ch is not None and ch.status != OPEN:
             return f"channel is {ch.status}"
         if self.user_policy is not None:
-            return _ask_policy(self.user_policy, params, old, new)
+            return ask_policy(self.user_policy, params, old, new)
         return None
 
     def latest(self, channel_id: bytes) -> SignedState | None:
@@ -498,90 +496,6 @@ class Client:
                     ch.conflict_at = trio.current_time()
                     ch.note_conflict()
 
-    # -- internals: what the links hand us -----------------------------------
-
-    def _on_connected(self, node_id: bytes) -> None:
-        for ch in self._channels.values():
-            if ch.peer_node_id == node_id:
-                self._emit(node_id, ch.machine.handle(ActionConnected()))
-
-    def _on_frame(self, node_id: bytes, frame: bytes) -> bool:
-        """Handle one frame from ``node_id``; a refused one gets an ``Error`` reply."""
-        try:
-            self._dispatch(node_id, codec.decode(frame))
-        except FundsAtRiskError:
-            raise
-        except ChannelError as exc:  # whatever the peer sent, it is refused, never fatal
-            log.info("from %s: %s", node_id.hex()[:16], exc)
-            self.outbox.add_send(node_id, codec.encode(Error(reason=str(exc)[:200])))
-            return False
-        return True
-
-    def _dispatch(self, node_id: bytes, msg: codec.Message) -> None:
-        if isinstance(msg, Propose):
-            ch = self._route(node_id, msg.state.channel_id)
-            self._emit(node_id, ch.machine.handle(ReceivePropose(msg)))
-        elif isinstance(msg, Accept):
-            ch = self._route(node_id, msg.channel_id)
-            self._emit(node_id, ch.machine.handle(ReceiveAccept(msg)))
-            # The slot is free now: the next update in line joins the same group commit
-            # as this completion (nothing of either leaves before that commit).
-            self._pump(ch)
-        elif isinstance(msg, Reject):
-            ch = self._route(node_id, msg.channel_id)
-            self._emit(node_id, ch.machine.handle(ReceiveReject(msg)))
-        elif isinstance(msg, Sync):
-            ch = self._route(node_id, msg.latest.state.channel_id)
-            self._emit(node_id, ch.machine.handle(ReceiveSync(msg)))
-        elif isinstance(msg, Open):
-            self._on_open(node_id, msg)
-        elif isinstance(msg, Error):
-            log.info("peer %s reports: %s", node_id.hex()[:16], msg.reason)
-        else:  # pragma: no cover - the codec only returns the types above
-            raise TypeError(type(msg).__name__)
-
-    def _route(self, node_id: bytes, channel_id: bytes) -> Lane:
-        ch = self._channels.get(channel_id)
-        if ch is None:
-            raise WrongChannel(f"no channel {channel_id.hex()[:16]} with {node_id.hex()[:16]}")
-        if ch.peer_node_id != node_id:
-            raise UnknownPeer(
-                f"{node_id.hex()[:16]} is not the counterparty of channel {channel_id.hex()[:16]}"
-            )
-        return ch
-
-    def _on_open(self, node_id: bytes, msg: Open) -> None:
-        params = msg.params
-        cid = params.channel_id
-        existing = self._channels.get(cid)
-        if existing is not None:
-            if existing.peer_node_id != node_id:
-                raise UnknownPeer(f"{node_id.hex()[:16]} is not a party to {cid.hex()[:16]}")
-            # A repeated Open (the opener restarted): answer with where we stand.
-            self._emit(node_id, existing.machine.handle(ActionConnected()))
-            return
-        if params.participants[1] != self.address:
-            raise UnknownPeer("Open does not name us as the second participant")
-        if params.participants[0] != address_of_node_id(node_id):
-            raise UnknownPeer("Open comes from a key that is not its first participant")
-        reason = _ask_policy(self.open_policy, params, msg.state) if self.open_policy else None
-        if reason is not None:
-            refusal = Reject(
-                channel_id=cid,
-                version=0,
-                state_hash=_open_hash(params, msg.state),
-                reason=f"UpdateRejected: {reason}",
-            )
-            self.outbox.add_send(node_id, codec.encode(refusal))
-            return
-        machine, outputs = ChannelMachine.accept_open(
-            msg=msg, me=1, sign=self.signer.sign, policy=self.policy, window=self.window
-        )
-        status = FUNDING if self.require_funding else OPEN
-        self._channels[cid] = Lane(machine, node_id, None, status)
-        self.outbox.add_op(PersistChannel(params=params, me=1, peer_node_id=node_id, status=status))
-        self._emit(node_id, outputs)
-
     # -- lifecycle ------------------------------------------------------------
 
     async def _run(
@@ -608,21 +522,6 @@ class Client:
         """Wait until everything emitted so far is durable and handed to the sockets."""
         await self.outbox.drain()
         await trio.lowlevel.checkpoint()
-
-
-def _open_hash(params: Params, state: State) -> bytes:
-    from channel.eip712 import state_digest
-
-    return state_digest(params, state)
-
-
-def _ask_policy(policy: Callable[..., str | None], *args: Any) -> str | None:
-    """A policy that raises refuses (and is logged): user code never brings a client down."""
-    try:
-        return policy(*args)
-    except Exception as exc:
-        log.exception("acceptance policy failed")
-        return f"policy failed: {type(exc).__name__}"
 
 
 @asynccontextmanager

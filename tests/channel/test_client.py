@@ -266,7 +266,7 @@ async def test_stalled_peer_times_out_and_channel_resyncs(tmp_path: Path) -> Non
         await alice.pay(cid, ETH, 1)
         # Freeze bob's processing by making its dispatcher stall.
         gate = trio.Event()
-        original = bob._dispatch
+        original = bob.inbound.dispatch
         stalled: list[tuple[bytes, codec.Message]] = []
 
         def frozen(node_id: bytes, msg: codec.Message) -> None:
@@ -275,11 +275,11 @@ async def test_stalled_peer_times_out_and_channel_resyncs(tmp_path: Path) -> Non
                 return
             original(node_id, msg)
 
-        bob._dispatch = frozen  # type: ignore[method-assign]
+        bob.inbound.dispatch = frozen  # type: ignore[method-assign]
         with pytest.raises(PeerTimeout):
             await alice.pay(cid, ETH, 1)
         gate.set()
-        bob._dispatch = original  # type: ignore[method-assign]
+        bob.inbound.dispatch = original  # type: ignore[method-assign]
         await _wait_connected(alice, bob)
         await _wait_same(alice, bob, cid)
         await alice.pay(cid, ETH, 1)

@@ -88,7 +88,7 @@ class Recorder:
         #: The most victim proposals seen ahead of our latest co-signed state at once.
         self.max_depth = 0
         self._trigger: tuple[Callable[[codec.Message], bool], trio.Event] | None = None
-        orig_dispatch: Callable[[bytes, codec.Message], None] = client._dispatch
+        orig_dispatch: Callable[[bytes, codec.Message], None] = client.inbound.dispatch
         orig_emit: Callable[[bytes, Any], None] = client._emit
 
         def dispatch(node_id: bytes, msg: codec.Message) -> None:
@@ -108,7 +108,7 @@ class Recorder:
                         self.problems.append(f"survivor signed two states at v{key[1]}")
             orig_emit(peer, outputs)
 
-        client._dispatch = dispatch  # type: ignore[method-assign]
+        client.inbound.dispatch = dispatch  # type: ignore[method-assign]
         client._emit = emit  # type: ignore[method-assign]
 
     def arm(self, predicate: Callable[[codec.Message], bool]) -> trio.Event:

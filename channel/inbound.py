@@ -1,0 +1,161 @@
+"""The client's receive side: what its links hand it.
+
+Every frame from an authenticated peer is decoded and routed to its channel's
+machine, and the machine's outputs go to the outbox.  An ``Open`` from a new
+counterparty is vetted (it must name us, come from its first participant's key, and
+pass the open policy) before a channel exists.  A frame that is refused gets an
+``Error`` reply and changes nothing; only ``FundsAtRiskError`` escapes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+from channel import codec
+from channel.codec import Accept, Error, Open, Propose, Reject, Sync
+from channel.eip712 import state_digest
+from channel.errors import ChannelError, FundsAtRiskError, UnknownPeer, WrongChannel
+from channel.keys import Signer, address_of_node_id
+from channel.lane import FUNDING, OPEN, Lane
+from channel.machine import (
+    ActionConnected,
+    ChannelMachine,
+    Policy,
+    ReceiveAccept,
+    ReceivePropose,
+    ReceiveReject,
+    ReceiveSync,
+)
+from channel.outbox import Outbox
+from channel.state import Params, State
+from channel.store import PersistChannel
+
+log = logging.getLogger("optichannel.client")
+
+#: ``open_policy(params, initial_state) -> None`` to accept a new channel, or a reason.
+OpenPolicy: TypeAlias = Callable[[Params, State], "str | None"]
+
+
+def ask_policy(policy: Callable[..., str | None], *args: Any) -> str | None:
+    """A policy that raises refuses (and is logged): user code never brings a client down."""
+    try:
+        return policy(*args)
+    except Exception as exc:
+        log.exception("acceptance policy failed")
+        return f"policy failed: {type(exc).__name__}"
+
+
+class Inbound:
+    """Routes what the links deliver into the channels of one client.
+
+    ``channels`` is the client's own table (shared, not copied): an accepted ``Open``
+    adds its channel there.  ``pump`` proposes the next update in line on a channel
+    whose window just got a free slot."""
+
+    def __init__(
+        self,
+        *,
+        signer: Signer,
+        channels: dict[bytes, Lane],
+        outbox: Outbox,
+        policy: Policy,
+        open_policy: OpenPolicy | None,
+        window: int,
+        require_funding: bool,
+        pump: Callable[[Lane], None],
+    ) -> None:
+        self.signer = signer
+        self.channels = channels
+        self.outbox = outbox
+        self.policy = policy
+        self.open_policy = open_policy
+        self.window = window
+        self.require_funding = require_funding
+        self.pump = pump
+
+    def on_connected(self, node_id: bytes) -> None:
+        """A link to ``node_id`` is up: every channel with that peer resyncs."""
+        for ch in self.channels.values():
+            if ch.peer_node_id == node_id:
+                self.outbox.emit(node_id, ch.machine.handle(ActionConnected()))
+
+    def on_frame(self, node_id: bytes, frame: bytes) -> bool:
+        """Handle one frame from ``node_id``; a refused one gets an ``Error`` reply and
+        returns False (the links count those and drop a peer that sends too many)."""
+        try:
+            self.dispatch(node_id, codec.decode(frame))
+        except FundsAtRiskError:
+            raise
+        except ChannelError as exc:  # whatever the peer sent, it is refused, never fatal
+            log.info("from %s: %s", node_id.hex()[:16], exc)
+            self.outbox.add_send(node_id, codec.encode(Error(reason=str(exc)[:200])))
+            return False
+        return True
+
+    def dispatch(self, node_id: bytes, msg: codec.Message) -> None:
+        """Hand a decoded message to its channel; raises ``ChannelError`` to refuse it."""
+        if isinstance(msg, Propose):
+            ch = self._route(node_id, msg.state.channel_id)
+            self.outbox.emit(node_id, ch.machine.handle(ReceivePropose(msg)))
+        elif isinstance(msg, Accept):
+            ch = self._route(node_id, msg.channel_id)
+            self.outbox.emit(node_id, ch.machine.handle(ReceiveAccept(msg)))
+            # The slot is free now: the next update in line joins the same group commit
+            # as this completion (nothing of either leaves before that commit).
+            self.pump(ch)
+        elif isinstance(msg, Reject):
+            ch = self._route(node_id, msg.channel_id)
+            self.outbox.emit(node_id, ch.machine.handle(ReceiveReject(msg)))
+        elif isinstance(msg, Sync):
+            ch = self._route(node_id, msg.latest.state.channel_id)
+            self.outbox.emit(node_id, ch.machine.handle(ReceiveSync(msg)))
+        elif isinstance(msg, Open):
+            self._on_open(node_id, msg)
+        elif isinstance(msg, Error):
+            log.info("peer %s reports: %s", node_id.hex()[:16], msg.reason)
+        else:  # pragma: no cover - the codec only returns the types above
+            raise TypeError(type(msg).__name__)
+
+    def _route(self, node_id: bytes, channel_id: bytes) -> Lane:
+        ch = self.channels.get(channel_id)
+        if ch is None:
+            raise WrongChannel(f"no channel {channel_id.hex()[:16]} with {node_id.hex()[:16]}")
+        if ch.peer_node_id != node_id:
+            raise UnknownPeer(
+                f"{node_id.hex()[:16]} is not the counterparty of channel {channel_id.hex()[:16]}"
+            )
+        return ch
+
+    def _on_open(self, node_id: bytes, msg: Open) -> None:
+        params = msg.params
+        cid = params.channel_id
+        existing = self.channels.get(cid)
+        if existing is not None:
+            if existing.peer_node_id != node_id:
+                raise UnknownPeer(f"{node_id.hex()[:16]} is not a party to {cid.hex()[:16]}")
+            # A repeated Open (the opener restarted): answer with where we stand.
+            self.outbox.emit(node_id, existing.machine.handle(ActionConnected()))
+            return
+        if params.participants[1] != self.signer.address:
+            raise UnknownPeer("Open does not name us as the second participant")
+        if params.participants[0] != address_of_node_id(node_id):
+            raise UnknownPeer("Open comes from a key that is not its first participant")
+        reason = ask_policy(self.open_policy, params, msg.state) if self.open_policy else None
+        if reason is not None:
+            refusal = Reject(
+                channel_id=cid,
+                version=0,
+                state_hash=state_digest(params, msg.state),
+                reason=f"UpdateRejected: {reason}",
+            )
+            self.outbox.add_send(node_id, codec.encode(refusal))
+            return
+        machine, outputs = ChannelMachine.accept_open(
+            msg=msg, me=1, sign=self.signer.sign, policy=self.policy, window=self.window
+        )
+        status = FUNDING if self.require_funding else OPEN
+        self.channels[cid] = Lane(machine, node_id, None, status)
+        self.outbox.add_op(PersistChannel(params=params, me=1, peer_node_id=node_id, status=status))
+        self.outbox.emit(node_id, outputs)
