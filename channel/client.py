@@ -117,6 +117,7 @@ class Client:
             on_frame=lambda node_id, frame: self.inbound.on_frame(node_id, frame),
             on_connected=lambda node_id: self.inbound.on_connected(node_id),
             pace=lambda: self.outbox.pace(),
+            on_idle=lambda node_id: self.inbound.on_idle(node_id),
             timeout=update_timeout,
         )
         self._waiters: dict[int, Waiter] = {}
@@ -198,6 +199,7 @@ class Client:
             update_id=uid,
             policy=self.policy,
             window=self.window,
+            defer=True,
         )
         status = FUNDING if self.require_funding else OPEN
         self._channels[params.channel_id] = Lane(machine, node_id, addr, status)
@@ -416,6 +418,7 @@ class Client:
                 pending=pending,
                 policy=self.policy,
                 window=self.window,
+                defer=True,
             )
             self._channels[rec.params.channel_id] = Lane(
                 machine, rec.peer_node_id, rec.peer_addr, rec.status

@@ -36,6 +36,12 @@ class ActionConnected:
 
 
 @attrs.frozen
+class ActionCountersign:
+    """The peer's proposals read so far are all handled: countersign the newest one
+    that passed every check (the driver sends this before it waits for more bytes)."""
+
+
+@attrs.frozen
 class ReceivePropose:
     msg: Propose
 
@@ -56,7 +62,13 @@ class ReceiveSync:
 
 
 Input: TypeAlias = (
-    ActionPropose | ActionConnected | ReceivePropose | ReceiveAccept | ReceiveReject | ReceiveSync
+    ActionPropose
+    | ActionConnected
+    | ActionCountersign
+    | ReceivePropose
+    | ReceiveAccept
+    | ReceiveReject
+    | ReceiveSync
 )
 
 

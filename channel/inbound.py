@@ -21,6 +21,7 @@ from channel.keys import Signer, address_of_node_id
 from channel.lane import FUNDING, OPEN, Lane
 from channel.machine import (
     ActionConnected,
+    ActionCountersign,
     ChannelMachine,
     Policy,
     ReceiveAccept,
@@ -74,12 +75,21 @@ class Inbound:
         self.window = window
         self.require_funding = require_funding
         self.pump = pump
+        #: Per peer, the channels holding its proposals checked but not countersigned.
+        self._deferred: dict[bytes, dict[bytes, Lane]] = {}
 
     def on_connected(self, node_id: bytes) -> None:
         """A link to ``node_id`` is up: every channel with that peer resyncs."""
         for ch in self.channels.values():
             if ch.peer_node_id == node_id:
                 self.outbox.emit(node_id, ch.machine.handle(ActionConnected()))
+
+    def on_idle(self, node_id: bytes) -> None:
+        """Every frame read from ``node_id`` is handled: countersign, on each channel,
+        the newest of its proposals (one signature, one fsync, one ``Accept``)."""
+        for ch in self._deferred.pop(node_id, {}).values():
+            if ch.machine.deferred:
+                self.outbox.emit(node_id, ch.machine.handle(ActionCountersign()))
 
     def on_frame(self, node_id: bytes, frame: bytes) -> bool:
         """Handle one frame from ``node_id``; a refused one gets an ``Error`` reply and
@@ -99,6 +109,8 @@ class Inbound:
         if isinstance(msg, Propose):
             ch = self._route(node_id, msg.state.channel_id)
             self.outbox.emit(node_id, ch.machine.handle(ReceivePropose(msg)))
+            if ch.machine.deferred:
+                self._deferred.setdefault(node_id, {})[msg.state.channel_id] = ch
         elif isinstance(msg, Accept):
             ch = self._route(node_id, msg.channel_id)
             self.outbox.emit(node_id, ch.machine.handle(ReceiveAccept(msg)))
@@ -153,7 +165,12 @@ class Inbound:
             self.outbox.add_send(node_id, codec.encode(refusal))
             return
         machine, outputs = ChannelMachine.accept_open(
-            msg=msg, me=1, sign=self.signer.sign, policy=self.policy, window=self.window
+            msg=msg,
+            me=1,
+            sign=self.signer.sign,
+            policy=self.policy,
+            window=self.window,
+            defer=True,
         )
         status = FUNDING if self.require_funding else OPEN
         self.channels[cid] = Lane(machine, node_id, None, status)

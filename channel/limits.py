@@ -14,3 +14,7 @@ UPDATE_TIMEOUT = 10.0
 #: idle part of the time: 2.7k/s against 3.2k/s, benchmarks/README.md).  Re-sent
 #: proposals travel one per frame on reconnect, so the window is not bound by the frame.
 PIPELINE_WINDOW = 256
+#: Proposals a responder holds checked but not yet countersigned: it countersigns only
+#: the newest of what it has read (one signature, one fsync and one ``Accept`` for the
+#: lot), and at the latest when this many are waiting.
+MAX_DEFERRED = 64

@@ -57,11 +57,15 @@ class Links:
         on_connected: OnConnected,
         timeout: float,
         pace: Pace | None = None,
+        on_idle: OnConnected | None = None,
     ) -> None:
+        """``on_idle(node_id)``: every frame read from that peer so far is handled, and
+        its reader is about to wait for more."""
         self.signer = signer
         self.on_frame = on_frame
         self.on_connected = on_connected
         self.pace = pace
+        self.on_idle = on_idle
         self.timeout = timeout
         self.peers: dict[bytes, Peer] = {}
         self.dialing: set[bytes] = set()
@@ -191,11 +195,17 @@ class Links:
                 # reading: both parties then work at the same time instead of in turns.
                 burst = 0
                 await trio.lowlevel.checkpoint()
-            try:
-                frame = await peer.conn.receive()
-            except TransportError as exc:
-                log.info("peer %s disconnected: %s", node_id.hex()[:16], exc)
-                return
+            frame = peer.conn.receive_buffered()
+            if frame is None:
+                # Everything read so far is handled: before waiting for more bytes, the
+                # client answers it (countersigns the newest of the peer's proposals).
+                if self.on_idle is not None:
+                    self.on_idle(node_id)
+                try:
+                    frame = await peer.conn.receive()
+                except TransportError as exc:
+                    log.info("peer %s disconnected: %s", node_id.hex()[:16], exc)
+                    return
             if not self.on_frame(node_id, frame):
                 peer.errors += 1
                 if peer.errors > MAX_PEER_ERRORS:

@@ -29,8 +29,23 @@ Accept (responder): a proposal is accepted iff
   5. every asset's total is unchanged,                    (``ConservationError``)
   6. it is signed by the peer (low-s, v 27/28),              (``InvalidSignature``)
   7. the acceptance policy (risk limits) agrees.
-  The responder then countersigns, ``PersistLatest``, and sends ``Accept``.
+  (4, 5 and 7 are judged against the newest proposal it has checked but not yet
+  countersigned, if there is one, else against the latest co-signed state.)
   Anything else is answered with ``Reject`` and leaves the state unchanged.
+
+  The responder then countersigns, ``PersistLatest``, and sends ``Accept`` — at once,
+  or, with ``defer`` (the client's setting), as below.
+
+Countersign with ``defer``: a proposal that passed 1-5 and 7 waits (``deferred``)
+  until the driver has handled every frame it has read (``ActionCountersign``), or
+  until ``MAX_DEFERRED`` wait.  Then the responder checks the newest one's signature
+  (6; failing that, it rejects it and tries the one before), countersigns that one
+  only, ``PersistLatest``, and sends one ``Accept`` for it.  An ``Accept`` for version
+  v accepts every proposal of the peer up to v (the proposer handles it so with or
+  without ``defer``): each was built on the one before, and the co-signed v
+  supersedes them all on chain, so the earlier ones need no countersignature, nor an
+  fsync, of their own.  Rule S holds: the responder signs nothing but v.  A lone
+  proposal (lock-step) is countersigned as soon as it is read, as before.
 
 Conflict: when both parties propose at once, the party with the lower address wins.
   The winner refuses the crossing proposal (rule 3, ``ProposalConflict``) and keeps its
@@ -76,6 +91,7 @@ from channel.events import (
     ROW_NEW,
     ROW_OWN,
     ActionConnected,
+    ActionCountersign,
     ActionPropose,
     InFlight,
     Input,
@@ -94,7 +110,7 @@ from channel.events import (
     SendMessage,
 )
 from channel.keys import verify
-from channel.limits import PIPELINE_WINDOW
+from channel.limits import MAX_DEFERRED, PIPELINE_WINDOW
 from channel.state import Params, SignedState, State
 
 #: ``policy(params, latest, proposed) -> None`` to accept or a reason to reject.
@@ -118,7 +134,10 @@ class ChannelMachine:
         pending: list[InFlight] | None = None,
         policy: Policy | None = None,
         window: int = PIPELINE_WINDOW,
+        defer: bool = False,
     ) -> None:
+        """``defer``: hold the peer's checked proposals for ``ActionCountersign`` (see
+        "Countersign"); a driver that sets it sends that before it waits for input."""
         if me not in (0, 1):
             raise ValueError("me must be 0 or 1")
         self.params = params
@@ -139,6 +158,10 @@ class ChannelMachine:
         self.should_yield = self.my_address > self.peer_address
         #: The last peer message was a ``Sync``, or a proposal it re-sent after it.
         self._after_sync = False
+        #: The peer's proposals that passed every check but the signature, oldest first,
+        #: each with its digest: the newest is countersigned on ``ActionCountersign``.
+        self.deferred: list[tuple[Propose, bytes]] = []
+        self.defer = defer
 
     # -- constructors -------------------------------------------------------
 
@@ -153,6 +176,7 @@ class ChannelMachine:
         update_id: int,
         policy: Policy | None = None,
         window: int = PIPELINE_WINDOW,
+        defer: bool = False,
     ) -> tuple[ChannelMachine, list[Output]]:
         """Start opening a channel: sign version 0 and ask the peer to countersign."""
         if initial.version != 0 or initial.channel_id != params.channel_id:
@@ -169,6 +193,7 @@ class ChannelMachine:
             pending=[InFlight(update_id=update_id, proposal=proposal, digest=digest)],
             policy=policy,
             window=window,
+            defer=defer,
         )
         return m, [
             PersistProposal(params=params, me=me, base_version=0, state=initial, signature=sig),
@@ -184,6 +209,7 @@ class ChannelMachine:
         sign: Sign,
         policy: Policy | None = None,
         window: int = PIPELINE_WINDOW,
+        defer: bool = False,
     ) -> tuple[ChannelMachine, list[Output]]:
         """Countersign a peer's ``Open``; raises ``RemoteProtocolError`` if it is invalid.
 
@@ -211,6 +237,7 @@ class ChannelMachine:
             max_signed=0,
             policy=policy,
             window=window,
+            defer=defer,
         )
         accept = Accept(channel_id=params.channel_id, version=0, signature=sigs[me] or b"")
         return m, [
@@ -268,7 +295,7 @@ class ChannelMachine:
             if self._after_sync and self._is_resent(event.msg):
                 return []
             self._after_sync = False  # the re-sent ones come first, in version order
-        elif t is not ActionPropose:
+        elif t is not ActionPropose and t is not ActionCountersign:
             self._after_sync = False
         return handler(self, event)
 
@@ -285,6 +312,11 @@ class ChannelMachine:
     # -- local actions ------------------------------------------------------
 
     def _on_propose_action(self, ev: ActionPropose) -> list[Output]:
+        # The peer's checked proposals first: ours builds on them.
+        done = self._on_countersign() if self.deferred else []
+        return [*done, *self._propose(ev)]
+
+    def _propose(self, ev: ActionPropose) -> list[Output]:
         tip = self.tip()
         if self.latest is not None and self.latest.state.is_final:
             raise LocalProtocolError(f"channel {self.channel_id.hex()[:16]} is final")
@@ -317,6 +349,9 @@ class ChannelMachine:
         ]
 
     def _on_connected(self, ev: ActionConnected) -> list[Output]:
+        # Nothing of the deferred proposals was signed or stored: the peer sends them
+        # again after its Sync, on this new link.
+        self.deferred.clear()
         return [SendMessage(m) for m in self.sync_messages()]
 
     # -- the peer's messages -------------------------------------------------
@@ -339,20 +374,62 @@ class ChannelMachine:
         p = ev.msg
         state = p.state
         digest = state_digest(self.params, state)
+        err: ChannelError | None = None
         try:
             self._check_proposal(p, digest)
-        except ProposalConflict as err:
+            if not self.defer:
+                verify(digest, p.signature, self.peer_address)
+        except ProposalConflict as exc:
             self._note_peer_version(p, digest)
-            return self._reject(state, digest, err)
-        except ChannelError as err:
-            return self._reject(state, digest, err)
-        if self.policy is not None and self.latest is not None:
-            reason = self.policy(self.params, self.latest.state, state)
+            err = exc
+        except ChannelError as exc:
+            err = exc
+        if err is None and self.policy is not None and self.latest is not None:
+            reason = self.policy(self.params, self._peer_tip(), state)
             if reason is not None:
-                return self._reject(state, digest, UpdateRejected(reason, reason=reason))
+                err = UpdateRejected(reason, reason=reason)
+        if err is not None:
+            # What was checked before stays accepted: its Accept goes first.
+            done = self._on_countersign() if self.deferred else []
+            return [*done, *self._reject(state, digest, err)]
         out: list[Output] = []
         if self.pending:  # we yield: our crossing proposals are dead, theirs wins
             out = self._drop_from(0, f"{REASON_CONFLICT}: the peer's proposal won", True)
+        if not self.defer:
+            return [*out, *self._countersign(p, digest)]
+        self.deferred.append((p, digest))
+        if len(self.deferred) >= MAX_DEFERRED:
+            out.extend(self._on_countersign())
+        return out
+
+    def _peer_tip(self) -> State:
+        """The state the peer's next proposal must build on."""
+        if self.deferred:
+            return self.deferred[-1][0].state
+        assert self.latest is not None
+        return self.latest.state
+
+    def _on_countersign(self, ev: ActionCountersign | None = None) -> list[Output]:
+        """Countersign the newest deferred proposal whose signature holds; each one above
+        it that fails rule 6 is rejected."""
+        bad: list[Output] = []
+        while self.deferred:
+            p, digest = self.deferred[-1]
+            try:
+                verify(digest, p.signature, self.peer_address)
+                break
+            except InvalidSignature as err:
+                self.deferred.pop()
+                bad[:0] = self._reject(p.state, digest, err)  # oldest first
+        if not self.deferred:
+            return bad
+        p, digest = self.deferred[-1]
+        self.deferred.clear()
+        return [*self._countersign(p, digest), *bad]
+
+    def _countersign(self, p: Propose, digest: bytes) -> list[Output]:
+        """Sign the peer's checked proposal ``p``: it becomes our latest co-signed state."""
+        state = p.state
         my_sig = self._sign(digest)
         sigs: list[bytes | None] = [None, None]
         sigs[self.me] = my_sig
@@ -361,7 +438,6 @@ class ChannelMachine:
         self.latest = signed
         self.max_signed = state.version
         return [
-            *out,
             PersistLatest(params=self.params, signed=signed, row=ROW_NEW),
             SendMessage(
                 Accept(channel_id=self.params.channel_id, version=state.version, signature=my_sig)
@@ -404,12 +480,13 @@ class ChannelMachine:
                 f"channel {cid} v{state.version} crosses our own proposal "
                 f"v{self.pending[0].proposal.state.version}"
             )
-        if p.base_version != self.latest.state.version:
+        tip = self._peer_tip()
+        if p.base_version != tip.version:
             raise StaleVersion(
                 f"channel {cid} v{state.version}: built on v{p.base_version}, "
-                f"our latest is v{self.latest.state.version}"
+                f"our latest is v{tip.version}"
             )
-        if self.latest.state.version < state.version <= self.max_signed:
+        if tip.version < state.version <= self.max_signed:
             # Built on our latest, but we signed that version ourselves (a crossing
             # proposal of ours, now burned): a conflict the proposer retries above it.
             raise ProposalConflict(
@@ -420,8 +497,7 @@ class ChannelMachine:
                 f"channel {cid} v{state.version}: replayed or rolled back "
                 f"(we have signed up to v{self.max_signed})"
             )
-        self.latest.state.check_successor(state)
-        verify(digest, p.signature, self.peer_address)
+        tip.check_successor(state)
 
     def _on_accept(self, ev: ReceiveAccept) -> list[Output]:
         a = ev.msg
@@ -430,7 +506,10 @@ class ChannelMachine:
             return [
                 NotifyProtocolError(error=WrongChannel(f"Accept for another channel than {cid}"))
             ]
-        if not self.pending or self.pending[0].proposal.state.version != a.version:
+        # In-flight versions are consecutive: an Accept names one of them, and accepts
+        # it and every one before it (see "Countersign").
+        i = a.version - self.pending[0].proposal.state.version if self.pending else -1
+        if not 0 <= i < len(self.pending):
             return [
                 NotifyProtocolError(
                     error=StaleVersion(
@@ -438,7 +517,7 @@ class ChannelMachine:
                     )
                 )
             ]
-        head = self.pending[0]
+        head = self.pending[i]
         try:
             verify(head.digest, a.signature, self.peer_address)
         except InvalidSignature as err:
@@ -448,10 +527,11 @@ class ChannelMachine:
         sigs[self.peer] = a.signature
         signed = SignedState(state=head.proposal.state, signatures=(sigs[0], sigs[1]))
         self.latest = signed
-        self.pending.pop(0)
+        done = self.pending[: i + 1]
+        del self.pending[: i + 1]
         return [
             PersistLatest(params=self.params, signed=signed, row=ROW_OWN),
-            NotifyAccepted(update_id=head.update_id, signed=signed),
+            *(NotifyAccepted(update_id=f.update_id, signed=signed) for f in done),
         ]
 
     def _drop_from(self, index: int, reason: str, retryable: bool) -> list[Output]:
@@ -485,6 +565,7 @@ class ChannelMachine:
 
     def _on_sync(self, ev: ReceiveSync) -> list[Output]:
         s = ev.msg
+        self.deferred.clear()  # the peer is about to send its proposals again
         out: list[Output] = []
         theirs = s.latest
         cid = self.params.channel_id.hex()[:16]
@@ -546,6 +627,8 @@ class ChannelMachine:
         for p in s.pending:
             if p.state.version > (-1 if self.latest is None else self.latest.state.version):
                 out.extend(self._on_propose(ReceivePropose(p)))
+        if self.deferred:
+            out.extend(self._on_countersign())
         return out
 
     def _check_cosigned(self, signed: SignedState) -> None:
@@ -565,6 +648,7 @@ class ChannelMachine:
 _DISPATCH: dict[type, Callable[[ChannelMachine, object], list[Output]]] = {
     ActionPropose: ChannelMachine._on_propose_action,  # type: ignore[dict-item]
     ActionConnected: ChannelMachine._on_connected,  # type: ignore[dict-item]
+    ActionCountersign: ChannelMachine._on_countersign,  # type: ignore[dict-item]
     ReceivePropose: ChannelMachine._on_propose,  # type: ignore[dict-item]
     ReceiveAccept: ChannelMachine._on_accept,  # type: ignore[dict-item]
     ReceiveReject: ChannelMachine._on_reject,  # type: ignore[dict-item]
@@ -577,6 +661,7 @@ __all__ = [
     "ROW_NEW",
     "ROW_OWN",
     "ActionConnected",
+    "ActionCountersign",
     "ActionPropose",
     "ChannelMachine",
     "InFlight",

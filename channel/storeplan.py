@@ -228,12 +228,15 @@ def _insert_run(run: list[PersistProposal | PersistLatest], batch: _Batch) -> St
 
 def _complete_run(run: list[PersistLatest], batch: _Batch) -> Step:
     """Our own in-flight proposals, now countersigned: add the peer's signature to the
-    very row we wrote before sending (no re-encoding; the machine names the row)."""
+    very row we wrote before sending (no re-encoding; the machine names the row).  Our
+    proposals below it are accepted with it (one ``Accept`` covers them): they leave
+    the in-flight set, as below an adopted state."""
     rows = []
     for op in run:
         cid = op.params.channel_id
         v = op.signed.state.version
         _note_latest(batch, cid, v)
+        _retire_below(batch, cid, v)
         sig0, sig1 = op.signed.signatures
         rows.append((cid, v, sig0, sig1))
     first = run[0].params.channel_id.hex()[:16]
@@ -260,7 +263,7 @@ def _put_latest(op: PersistLatest, batch: _Batch) -> Step:
     s = op.signed
     v = s.state.version
     _note_latest(batch, cid, v)
-    batch.burn_below[cid] = v
+    _retire_below(batch, cid, v)
     blob = _state_blob(s.state)
     sig0, sig1 = s.signatures
 
@@ -284,12 +287,17 @@ def _put_latest(op: PersistLatest, batch: _Batch) -> Step:
     return step
 
 
+def _retire_below(batch: _Batch, cid: bytes, v: int) -> None:
+    if v > batch.burn_below.get(cid, -1):
+        batch.burn_below[cid] = v
+
+
 def _finish(batch: _Batch) -> list[Step]:
     steps = []
     for cid, v in batch.latest.items():
         steps.append(_set_latest(cid, v, batch.max_signed[cid]))
     for cid, v in batch.burn_below.items():
-        # An adopted state retires whatever we still had in flight below it.
+        # A new latest retires whatever we still had in flight below it.
         steps.append(
             _sql(
                 "UPDATE states SET status=? WHERE channel_id=? AND status=? AND version<?",

@@ -190,6 +190,17 @@ class Connection(trio.abc.AsyncResource):
             await self._abort()
             raise
 
+    def receive_buffered(self) -> bytes | None:
+        """The next message if it is already buffered, else ``None``: never reads the
+        socket.  A broken frame also gives ``None``, and the next :meth:`receive`
+        raises for it (and closes the connection)."""
+        if self._closed or self._receiving:
+            return None
+        try:
+            return self._session.next_message()
+        except (TransportError, OversizeError):
+            return None
+
     async def receive(self) -> bytes:
         """The next message from the peer.
 
