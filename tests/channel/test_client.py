@@ -414,3 +414,33 @@ async def test_bad_open_over_a_dialled_link_does_not_bring_the_client_down(
                 await alice.pay(cid, ETH, 2)
                 await _wait_same(alice, bob, cid)
         n.cancel_scope.cancel()
+
+
+async def test_one_countersignature_covers_the_proposals_of_one_read(tmp_path: Path) -> None:
+    """Pipelined pays read together are countersigned once: every pay returns a co-signed
+    state that includes it (its version at or above the pay's own), the responder stores
+    fewer co-signed states than there were pays, and the proposer keeps none in flight."""
+    async with pair(tmp_path) as (alice, bob, cid):
+        results = []
+
+        async def pay() -> None:
+            results.append(await alice.pay(cid, ETH, 1))
+
+        async with trio.open_nursery() as n:
+            for _ in range(200):
+                n.start_soon(pay)
+        await _wait_same(alice, bob, cid)
+        await alice.drain()
+        await bob.drain()
+        latest = alice.latest(cid)
+        assert latest is not None and latest.state.version == 200
+        assert all(r.fully_signed for r in results)
+        # pay k (in the order they completed) sees at least k pays
+        paid = [TOTAL - r.state.allocations[0].balances[0] for r in results]
+        assert all(p >= k + 1 for k, p in enumerate(sorted(paid)))
+        rows = bob.store._db.execute(
+            "SELECT count(*) FROM states WHERE channel_id = ?", (cid,)
+        ).fetchone()[0]
+        assert rows < 100  # v0, and one row per countersigned read, not 200
+        in_flight = alice.store.load()[0].in_flight
+        assert in_flight == ()

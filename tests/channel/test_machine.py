@@ -26,9 +26,10 @@ from channel.errors import (
     WrongChannel,
 )
 from channel.keys import SECP256K1_N, Signer, verify
-from channel.limits import MAX_FRAME
+from channel.limits import MAX_DEFERRED, MAX_FRAME
 from channel.machine import (
     ActionConnected,
+    ActionCountersign,
     ActionPropose,
     ChannelMachine,
     NotifyAccepted,
@@ -145,7 +146,11 @@ class Link:
         window_a: int = 64,
         window_b: int = 64,
         balances: tuple[int, int] = (1000, 1000),
+        defer: bool = False,
     ) -> None:
+        #: Machines defer countersigning (the client's mode); like the client's reader,
+        #: ``deliver`` then sends ActionCountersign once nothing more is queued for it.
+        self.defer = defer
         self.a = Party("alice", 0, Signer.from_bytes(ALICE_KEY))
         self.b = Party("bob", 1, Signer.from_bytes(BOB_KEY))
         self.params = Params.new(
@@ -206,6 +211,7 @@ class Link:
             update_id=0,
             policy=self.policies[0],
             window=self.windows[0],
+            defer=self.defer,
         )
         self.a.machine = m
         self._record(self.a, outs)
@@ -241,6 +247,7 @@ class Link:
                 sign=dst.signer.sign,
                 policy=self.policies[dst.me],
                 window=self.windows[dst.me],
+                defer=self.defer,
             )
             dst.machine = m
             return self._record(dst, outs)
@@ -252,7 +259,10 @@ class Link:
             Reject: ReceiveReject,
             Sync: ReceiveSync,
         }[type(msg)](msg)
-        return self.handle(dst, event)
+        outs = self.handle(dst, event)
+        if self.defer and not src.outbox and dst.m.deferred:
+            outs = outs + self.handle(dst, ActionCountersign())
+        return outs
 
     def inject(self, dst: Party, msg: codec.Message) -> list[Output]:
         """Hand ``dst`` a message that did not come from its peer's machine."""
@@ -992,6 +1002,166 @@ def test_output_order_checker_catches_violations() -> None:
         check_output_order(list(reversed(outs)), Durable(latest=0))
 
 
+# --- deferred countersigning (the client's mode) ----------------------------------
+
+
+def _deferred_link(**kw: Any) -> Link:
+    link = Link(defer=True, **kw)
+    link.open()
+    return link
+
+
+def _deliver_queued(link: Link, src: Party) -> None:
+    """Deliver every message queued at ``src`` (the reader's whole read)."""
+    while src.outbox:
+        link.deliver(src)
+
+
+def test_one_accept_covers_every_proposal_read() -> None:
+    """Proposals read together are countersigned once, at the newest: the responder signs
+    and persists that version only, and its Accept accepts every proposal up to it, each
+    caller getting that co-signed state."""
+    link = _deferred_link()
+    for _ in range(5):
+        link.propose(link.a)
+    signed_before = dict(link.b.signed)
+    _deliver_queued(link, link.a)
+    assert [m.version for m in link.b.outbox if isinstance(m, Accept)] == [5]
+    assert [o.signed.state.version for o in link.b.of_type(PersistLatest)] == [0, 5]
+    assert set(link.b.signed) - set(signed_before) == {5}  # rule S: it signed v5 only
+    assert link.b.m.max_signed == 5
+    _deliver_queued(link, link.b)
+    accepted = link.a.of_type(NotifyAccepted)[1:]
+    assert [n.update_id for n in accepted] == [1, 2, 3, 4, 5]
+    assert {n.signed.state.version for n in accepted} == {5}
+    assert [o.signed.state.version for o in link.a.of_type(PersistLatest)][-1] == 5
+    assert not link.a.m.pending
+    assert link.a.m.latest == link.b.m.latest
+    assert link.b.m.latest is not None
+    assert link.b.m.latest.state.allocation(ETH).balances == (995, 1005)
+
+
+def test_a_lone_proposal_is_countersigned_when_read() -> None:
+    """Lock-step traffic is answered at once: nothing waits for a later frame."""
+    link = _deferred_link()
+    link.propose(link.a)
+    outs = link.deliver(link.a)
+    assert [type(o) for o in outs if isinstance(o, SendMessage | PersistLatest)] == [
+        PersistLatest,
+        SendMessage,
+    ]
+    assert not link.b.m.deferred
+
+
+def test_checks_chain_through_deferred_proposals() -> None:
+    """Each deferred proposal is checked against the one before it: the policy sees that
+    one as the old state, and a proposal not built on it is refused (StaleVersion) while
+    the earlier ones still get their Accept, first."""
+    seen: list[tuple[int, int]] = []
+
+    def policy(params: Params, old: State, new: State) -> str | None:
+        seen.append((old.version, new.version))
+        return None
+
+    link = _deferred_link(policy_b=policy)
+    link.propose(link.a)
+    link.propose(link.a)
+    stale = forge(link, link.a.signer, 0, next_state(link.a.m.tip(), 3, amount=2))
+    link.a.outbox.append(stale)
+    link.propose(link.a)  # v3 of alice's own, sent after the forged v3 on v0
+    link.deliver(link.a)
+    link.deliver(link.a)
+    assert len(link.b.m.deferred) == 2
+    outs = link.deliver(link.a)  # the forged one
+    sent = [o.msg for o in outs if isinstance(o, SendMessage)]
+    assert [type(m) for m in sent] == [Accept, Reject]
+    assert isinstance(sent[0], Accept) and sent[0].version == 2
+    assert isinstance(link.b.errors()[-1], StaleVersion)
+    link.deliver_all()
+    assert seen == [(0, 1), (1, 2), (2, 3)]
+    assert link.a.m.latest == link.b.m.latest
+    assert link.a.m.latest is not None and link.a.m.latest.state.version == 3
+
+
+def test_a_bad_signature_on_the_newest_falls_back_to_the_one_before() -> None:
+    """At countersign time the newest proposal's signature is checked; if it fails, that
+    proposal is rejected (InvalidSignature) and the one before it is countersigned."""
+    link = _deferred_link()
+    link.propose(link.a)
+    link.propose(link.a)
+    link.deliver(link.a)
+    bad = link.a.outbox.pop(0)
+    assert isinstance(bad, Propose)
+    link.a.outbox.append(attrs.evolve(bad, signature=high_s(bad.signature)))
+    outs = link.deliver(link.a)
+    sent = [o.msg for o in outs if isinstance(o, SendMessage)]
+    assert [type(m) for m in sent] == [Accept, Reject]
+    assert isinstance(sent[0], Accept) and sent[0].version == 1
+    assert isinstance(sent[1], Reject) and sent[1].version == 2
+    assert 2 not in link.b.signed
+    link.deliver_all()
+    assert link.a.m.latest == link.b.m.latest
+    assert link.a.m.latest is not None and link.a.m.latest.state.version == 1
+    assert [n.version for n in link.a.of_type(NotifyRejected)] == [2]
+
+
+def test_at_most_max_deferred_wait() -> None:
+    """A long read is countersigned every MAX_DEFERRED proposals, not only at its end."""
+    link = _deferred_link(window_a=MAX_DEFERRED * 2)
+    for _ in range(MAX_DEFERRED + 3):
+        link.propose(link.a)
+    _deliver_queued(link, link.a)
+    assert [m.version for m in link.b.outbox if isinstance(m, Accept)] == [
+        MAX_DEFERRED,
+        MAX_DEFERRED + 3,
+    ]
+
+
+def test_a_reconnect_forgets_deferred_proposals_and_they_come_again() -> None:
+    """Deferred proposals were neither signed nor stored: a reconnect drops them, the
+    proposer re-sends them after its Sync, and both end on the newest."""
+    link = _deferred_link()
+    for _ in range(3):
+        link.propose(link.a)
+    for _ in range(2):
+        link.b.m.handle(ReceivePropose(link.a.outbox.pop(0)))
+    assert len(link.b.m.deferred) == 2
+    link.reconnect(first=link.b)
+    assert not link.b.m.deferred
+    assert link.b.m.max_signed == 0
+    link.deliver_all()
+    assert link.a.m.latest == link.b.m.latest
+    assert link.a.m.latest is not None and link.a.m.latest.state.version == 3
+    assert [n.update_id for n in link.a.of_type(NotifyAccepted)][1:] == [1, 2, 3]
+
+
+def test_the_responder_countersigns_before_proposing_itself() -> None:
+    """A responder that proposes while it holds deferred proposals countersigns them first,
+    and builds its own proposal on the newest."""
+    link = _deferred_link()
+    link.propose(link.a)
+    link.propose(link.a)
+    for _ in range(2):
+        link.b.m.handle(ReceivePropose(link.a.outbox.pop(0)))
+    outs = link.propose(link.b)
+    sent = [o.msg for o in outs if isinstance(o, SendMessage)]
+    assert [type(m) for m in sent] == [Accept, Propose]
+    assert isinstance(sent[1], Propose) and sent[1].base_version == 2
+    link.deliver_all()
+    assert link.a.m.latest == link.b.m.latest
+    assert link.a.m.latest is not None and link.a.m.latest.state.version == 3
+
+
+def test_an_accept_beyond_what_is_in_flight_is_refused() -> None:
+    """An Accept for a version we never proposed is a StaleVersion and changes nothing."""
+    link = _deferred_link()
+    link.propose(link.a)
+    before = snapshot(link.a.m)
+    link.inject(link.a, Accept(channel_id=link.a.m.channel_id, version=2, signature=b"\x11" * 65))
+    assert isinstance(link.a.errors()[-1], StaleVersion)
+    assert snapshot(link.a.m) == before
+
+
 # --- the safety property -------------------------------------------------------------
 
 STEPS = st.lists(
@@ -1001,6 +1171,7 @@ STEPS = st.lists(
         st.tuples(st.just("deliver"), st.sampled_from([0, 1]), st.just(0)),
         st.tuples(st.just("drop"), st.sampled_from([0, 1]), st.just(0)),
         st.tuples(st.just("reconnect"), st.sampled_from([0, 1]), st.just(0)),
+        st.tuples(st.just("countersign"), st.sampled_from([0, 1]), st.just(0)),
     ),
     max_size=60,
 )
@@ -1012,6 +1183,7 @@ HOSTILE_STEPS = st.lists(
         st.tuples(st.just("drop"), st.sampled_from([0, 1]), st.integers(0, 3)),
         st.tuples(st.just("dup"), st.sampled_from([0, 1]), st.integers(0, 3)),
         st.tuples(st.just("reconnect"), st.sampled_from([0, 1]), st.just(0)),
+        st.tuples(st.just("countersign"), st.sampled_from([0, 1]), st.just(0)),
     ),
     max_size=60,
 )
@@ -1049,6 +1221,8 @@ def _run_schedule(link: Link, steps: list[tuple[str, int, int]]) -> None:
             p.outbox.insert(0, p.outbox[min(arg, len(p.outbox) - 1)])
         elif kind == "reconnect":
             link.reconnect(first=p)
+        elif kind == "countersign" and p.machine is not None:
+            link.handle(p, ActionCountersign())
         _check_invariants(link)
         for q in (link.a, link.b):
             if q.machine is not None and q.machine.latest is not None:
@@ -1071,12 +1245,16 @@ def _terminal_notifications(p: Party) -> dict[int, list[Output]]:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=STEPS, start_open=st.booleans())
-def test_random_schedules_never_fork(steps: list[tuple[str, int, int]], start_open: bool) -> None:
+@pytest.mark.parametrize("defer", [False, True], ids=["countersign-each", "deferred"])
+def test_random_schedules_never_fork(
+    steps: list[tuple[str, int, int]], start_open: bool, defer: bool
+) -> None:
     """Under any interleaving of proposals from both sides, deliveries, drops and reconnects: no
     two different states are co-signed at one version, no party signs two states at one
     version, latest never goes back, each update is settled at most once, and after a final
-    full sync both parties hold the same latest and nothing is pending."""
-    link = Link(window_a=4, window_b=4)
+    full sync both parties hold the same latest and nothing is pending.  With deferred
+    countersigning too (a ``countersign`` step stands for a reader that went idle)."""
+    link = Link(window_a=4, window_b=4, defer=defer)
     if start_open:
         link.open()
     else:
@@ -1094,11 +1272,12 @@ def test_random_schedules_never_fork(steps: list[tuple[str, int, int]], start_op
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=HOSTILE_STEPS)
-def test_hostile_network_never_forks(steps: list[tuple[str, int, int]]) -> None:
+@pytest.mark.parametrize("defer", [False, True], ids=["countersign-each", "deferred"])
+def test_hostile_network_never_forks(steps: list[tuple[str, int, int]], defer: bool) -> None:
     """Even when the network reorders and duplicates messages, no two different states are
     co-signed at one version, no party signs twice at one version, and a final full sync
     brings both parties to the same latest."""
-    link = Link(window_a=4, window_b=4)
+    link = Link(window_a=4, window_b=4, defer=defer)
     link.open()
     _run_schedule(link, steps)
     assert link.a.m.latest == link.b.m.latest

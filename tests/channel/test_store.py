@@ -449,3 +449,19 @@ def test_a_complete_checkpoint_lets_the_wal_start_over(path: Path) -> None:
     store.close()
     (rec,) = Store(path, owner=ALICE.address).load()
     assert [p.proposal.state.version for p in rec.in_flight] == list(range(1, 251))
+
+
+def test_completing_a_proposal_settles_our_proposals_below_it(path: Path) -> None:
+    """One Accept covers every proposal up to its version: completing v3 leaves none of
+    v1..v3 in flight (a restart must not re-send v1 and v2), while v4 above it stays."""
+    store = Store(path, owner=ALICE.address)
+    f = opened(store)
+    states = [f.v0]
+    for v in range(1, 5):
+        states.append(pay(states[-1], v, 0))
+        store.apply([proposal(f.params, v - 1, states[v])])
+    store.apply([_own(f.params, states[3])])
+    (rec,) = store.load()
+    assert rec.latest == cosign(f.params, states[3])
+    assert [p.proposal.state.version for p in rec.in_flight] == [4]
+    assert rec.max_signed == 4

@@ -423,3 +423,36 @@ async def test_cancelled_receive_loses_nothing_and_closed_connection_refuses() -
             with pytest.raises(TransportError, match="closed"):
                 await conn.send(b"x")
             nursery.cancel_scope.cancel()
+
+
+async def test_receive_buffered_returns_what_one_read_brought_and_never_waits() -> None:
+    """Frames that arrived in one socket read come out of receive_buffered one by one;
+    once they are used up it returns None at once (it never reads the socket); a frame
+    that fails its MAC also gives None, and the next receive raises for it."""
+    send, got = trio.open_memory_channel[object](10)
+
+    async def handler(conn: Connection) -> None:
+        await send.send(await conn.receive())
+        while (msg := conn.receive_buffered()) is not None:
+            await send.send(msg)
+        await send.send(None)
+        try:
+            await conn.receive()
+        except TransportError as exc:
+            assert conn.receive_buffered() is None  # closed
+            await send.send(exc)
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, handler)
+            stream, session = await raw_handshake(address)
+            await stream.send_all(b"".join(session.encrypt(m) for m in (b"1", b"2", b"3")))
+            assert [await got.receive() for _ in range(4)] == [b"1", b"2", b"3", None]
+            frame = bytearray(session.encrypt(b"tampered"))
+            frame[-5] ^= 0x40
+            await stream.send_all(bytes(frame))
+            exc = await got.receive()
+            assert isinstance(exc, TransportError) and "bad MAC" in str(exc)
+            await wait_dropped(stream)
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
