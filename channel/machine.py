@@ -71,14 +71,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeAlias
 
-from channel import codec
+from channel import codec, resync
 from channel.codec import Accept, Open, Propose, Reject, Sync
 from channel.eip712 import state_digest
 from channel.errors import (
     ChannelError,
     ChannelFinal,
     ConservationError,
-    FundsAtRiskError,
     InvalidSignature,
     LocalProtocolError,
     ProposalConflict,
@@ -268,18 +267,8 @@ class ChannelMachine:
         return len(self.pending) >= self.window
 
     def sync_messages(self) -> list[Sync | Open | Propose]:
-        """What we tell a peer on (re)connect: ``Open`` while the channel is opening,
-        else ``Sync`` (latest co-signed, ``max_signed``) followed by each in-flight
-        proposal as its own ``Propose``.  Separate frames, so that a full window of
-        proposals with large app data never has to fit in one frame; the peer handles
-        them exactly as the proposals it would find inside a ``Sync``."""
-        if self.latest is None:
-            p = self.pending[0].proposal
-            return [Open(params=self.params, state=p.state, signature=p.signature)]
-        return [
-            Sync(latest=self.latest, max_signed=self.max_signed, pending=()),
-            *(f.proposal for f in self.pending),
-        ]
+        """What we tell a peer on (re)connect (see :func:`channel.resync.sync_messages`)."""
+        return resync.sync_messages(self)
 
     # -- the dispatcher -----------------------------------------------------
 
@@ -292,22 +281,12 @@ class ChannelMachine:
         if t is ReceiveSync:
             self._after_sync = True
         elif isinstance(event, ReceivePropose):
-            if self._after_sync and self._is_resent(event.msg):
+            if self._after_sync and resync.is_resent(self, event.msg):
                 return []
             self._after_sync = False  # the re-sent ones come first, in version order
         elif t is not ActionPropose and t is not ActionCountersign:
             self._after_sync = False
         return handler(self, event)
-
-    def _is_resent(self, p: Propose) -> bool:
-        """Right after its ``Sync`` the peer re-sends its in-flight proposals; those at or
-        below our latest co-signed version are settled by that ``Sync`` already (as
-        proposals inside a ``Sync`` are), so they are skipped rather than refused."""
-        return (
-            self.latest is not None
-            and p.state.channel_id == self.params.channel_id
-            and p.state.version <= self.latest.state.version
-        )
 
     # -- local actions ------------------------------------------------------
 
@@ -563,87 +542,6 @@ class ChannelMachine:
         # A reject for something already resolved (e.g. after a resync): nothing to do.
         return []
 
-    def _on_sync(self, ev: ReceiveSync) -> list[Output]:
-        s = ev.msg
-        self.deferred.clear()  # the peer is about to send its proposals again
-        out: list[Output] = []
-        theirs = s.latest
-        cid = self.params.channel_id.hex()[:16]
-        mine_v = -1 if self.latest is None else self.latest.state.version
-        if theirs.state.channel_id != self.params.channel_id:
-            return [NotifyProtocolError(error=WrongChannel(f"Sync for another channel than {cid}"))]
-        if theirs.state.version > mine_v:
-            try:
-                self._check_cosigned(theirs)
-            except ChannelError as err:
-                return [NotifyProtocolError(error=err)]
-            self.latest = theirs
-            self.max_signed = max(self.max_signed, theirs.state.version)
-            out.append(PersistLatest(params=self.params, signed=theirs))
-            # Our proposals up to that version are settled one way or the other.  The peer
-            # countersigns ours only in order, each built on the one before, so if it
-            # co-signed one of them it co-signed every earlier one too: those updates are
-            # done (their effects are in ``theirs``), the ones after are superseded.
-            settled: list[InFlight] = []
-            while self.pending and self.pending[0].proposal.state.version <= theirs.state.version:
-                settled.append(self.pending.pop(0))
-            cut = next((i for i, f in enumerate(settled) if f.proposal.state == theirs.state), -1)
-            for i, f in enumerate(settled):
-                if i <= cut:
-                    out.append(NotifyAccepted(update_id=f.update_id, signed=theirs))
-                else:
-                    out.append(
-                        NotifyRejected(
-                            channel_id=self.params.channel_id,
-                            update_id=f.update_id,
-                            version=f.proposal.state.version,
-                            reason="superseded on resync",
-                            retryable=True,
-                        )
-                    )
-            if self.pending and self.pending[0].proposal.base_version != theirs.state.version:
-                out.extend(self._drop_from(0, "superseded on resync", True))
-        elif (
-            theirs.state.version == mine_v
-            and self.latest is not None
-            and theirs.state != self.latest.state
-        ):
-            try:
-                self._check_cosigned(theirs)
-            except ChannelError as err:
-                return [NotifyProtocolError(error=err)]
-            return [
-                NotifyProtocolError(
-                    error=FundsAtRiskError(
-                        f"channel {cid}: two different co-signed states at v{mine_v}"
-                    )
-                )
-            ]
-        # The peer's own word on its highest signed version (a hint: bounded, so a peer
-        # cannot push our versions towards the uint64 limit).
-        base = -1 if self.latest is None else self.latest.state.version
-        if base >= 0:
-            self.peer_max_signed = max(self.peer_max_signed, min(s.max_signed, base + 1_000_000))
-        for p in s.pending:
-            if p.state.version > (-1 if self.latest is None else self.latest.state.version):
-                out.extend(self._on_propose(ReceivePropose(p)))
-        if self.deferred:
-            out.extend(self._on_countersign())
-        return out
-
-    def _check_cosigned(self, signed: SignedState) -> None:
-        if not signed.fully_signed:
-            raise InvalidSignature("a co-signed state must carry both signatures")
-        digest = state_digest(self.params, signed.state)
-        for i in (0, 1):
-            sig = signed.signatures[i]
-            assert sig is not None
-            verify(digest, sig, self.params.participants[i])
-        if self.latest is not None:
-            self.latest.state.check_successor(signed.state)
-        elif self.pending:
-            self.pending[0].proposal.state.check_successor(signed.state)
-
 
 _DISPATCH: dict[type, Callable[[ChannelMachine, object], list[Output]]] = {
     ActionPropose: ChannelMachine._on_propose_action,  # type: ignore[dict-item]
@@ -652,7 +550,7 @@ _DISPATCH: dict[type, Callable[[ChannelMachine, object], list[Output]]] = {
     ReceivePropose: ChannelMachine._on_propose,  # type: ignore[dict-item]
     ReceiveAccept: ChannelMachine._on_accept,  # type: ignore[dict-item]
     ReceiveReject: ChannelMachine._on_reject,  # type: ignore[dict-item]
-    ReceiveSync: ChannelMachine._on_sync,  # type: ignore[dict-item]
+    ReceiveSync: resync.on_sync,  # type: ignore[dict-item]
 }
 
 __all__ = [

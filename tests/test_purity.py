@@ -14,6 +14,7 @@ PURE = [
     "channel.state",
     "channel.codec",
     "channel.machine",
+    "channel.resync",
     "channel.events",
     "channel.eip712",
     "channel.keys",
