@@ -95,11 +95,15 @@ ROW_NEW, ROW_OWN, ROW_CHECK = "new", "own", "check"
 
 @attrs.frozen(kw_only=True)
 class PersistLatest:
-    """A new latest co-signed state; also retires our proposals up to its version."""
+    """A new latest co-signed state; also retires our proposals up to its version.
+
+    ``retires_below``: with ``ROW_OWN``, our in-flight proposals below it were accepted
+    by the same ``Accept`` and leave the in-flight set (``ROW_CHECK`` always does that)."""
 
     params: Params
     signed: SignedState
     row: str = ROW_CHECK
+    retires_below: bool = False
 
 
 @attrs.frozen(kw_only=True)

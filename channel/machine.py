@@ -509,7 +509,7 @@ class ChannelMachine:
         done = self.pending[: i + 1]
         del self.pending[: i + 1]
         return [
-            PersistLatest(params=self.params, signed=signed, row=ROW_OWN),
+            PersistLatest(params=self.params, signed=signed, row=ROW_OWN, retires_below=i > 0),
             *(NotifyAccepted(update_id=f.update_id, signed=signed) for f in done),
         ]
 

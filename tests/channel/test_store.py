@@ -452,16 +452,46 @@ def test_a_complete_checkpoint_lets_the_wal_start_over(path: Path) -> None:
 
 
 def test_completing_a_proposal_settles_our_proposals_below_it(path: Path) -> None:
-    """One Accept covers every proposal up to its version: completing v3 leaves none of
-    v1..v3 in flight (a restart must not re-send v1 and v2), while v4 above it stays."""
+    """One Accept covers every proposal up to its version: completing v3 (which the
+    machine marks ``retires_below``) leaves none of v1..v3 in flight (a restart must not
+    re-send v1 and v2), while v4 above it stays."""
     store = Store(path, owner=ALICE.address)
     f = opened(store)
     states = [f.v0]
     for v in range(1, 5):
         states.append(pay(states[-1], v, 0))
         store.apply([proposal(f.params, v - 1, states[v])])
-    store.apply([_own(f.params, states[3])])
+    store.apply([attrs.evolve(_own(f.params, states[3]), retires_below=True)])
     (rec,) = store.load()
     assert rec.latest == cosign(f.params, states[3])
     assert [p.proposal.state.version for p in rec.in_flight] == [4]
     assert rec.max_signed == 4
+
+
+def test_interleaved_channels_in_one_batch_keep_each_channels_order(path: Path) -> None:
+    """A batch interleaving two channels, each with a completion of our proposal followed
+    by a fresh co-signed state from the peer, lands whole: rows of a run are written
+    together, but each channel's latest follows its own order (and may not go back)."""
+    store = Store(path, owner=ALICE.address)
+    fa, fb = opened(store, salt=b"\x01" * 32), opened(store, salt=b"\x02" * 32)
+    a1, b1 = pay(fa.v0, 1), pay(fb.v0, 1)
+    store.apply([proposal(fa.params, 0, a1), proposal(fb.params, 0, b1)])
+    a2, b2 = pay(a1, 2), pay(b1, 2)
+    fresh = [
+        PersistLatest(params=f.params, signed=cosign(f.params, s), row=ROW_NEW)
+        for f, s in ((fa, a2), (fb, b2))
+    ]
+    store.apply([_own(fa.params, a1), _own(fb.params, b1), fresh[0], fresh[1]])
+    recs = {r.params.channel_id: r for r in store.load()}
+    assert recs[fa.params.channel_id].latest == cosign(fa.params, a2)
+    assert recs[fb.params.channel_id].latest == cosign(fb.params, b2)
+    assert all(r.in_flight == () for r in recs.values())
+    # ... and within one batch a channel's latest still may not go back
+    a3, a4 = pay(a2, 3), pay(a2, 4)
+    new = [
+        PersistLatest(params=fa.params, signed=cosign(fa.params, s), row=ROW_NEW) for s in (a4, a3)
+    ]
+    with pytest.raises(StoreError, match="roll latest back"):
+        store.apply(new)
+    recs = {r.params.channel_id: r for r in store.load()}
+    assert recs[fa.params.channel_id].latest == cosign(fa.params, a2)
