@@ -205,11 +205,14 @@ class Outbox:
         self.wake.set()
 
     async def pace(self) -> None:
-        """Backpressure for readers: wait while PACE_BACKLOG store operations are queued
-        and the flusher has not taken them.  Without it, a client with many links lets
-        every reader work through its whole socket buffer before anything is committed
-        and answered, and the two sides of a busy link end up taking turns."""
-        if len(self.ops) >= PACE_BACKLOG:
+        """Backpressure for readers and proposing callers: wait while PACE_BACKLOG store
+        operations are queued and the flusher has not taken them.  Without it, a client
+        with many links lets every reader work through its whole socket buffer, and every
+        woken caller sign its next proposal, before anything is committed and answered:
+        the two sides of a busy link end up taking turns.  Those woken by one take
+        re-check, so that one scheduler batch adds about PACE_BACKLOG operations, not
+        all that were waiting."""
+        while len(self.ops) >= PACE_BACKLOG:
             if self.taken.is_set():
                 self.taken = trio.Event()
             await self.taken.wait()

@@ -153,6 +153,41 @@ async def test_readers_pause_while_the_flusher_is_behind(tmp_path: Path) -> None
         store.close()
 
 
+async def test_paced_tasks_woken_by_one_take_add_about_one_backlog(tmp_path: Path) -> None:
+    """Tasks held by pace() that one take of the flusher wakes re-check the backlog: the
+    first ones fill it again and the rest keep waiting for the next take (so one
+    scheduler batch adds about PACE_BACKLOG operations, not one per waiting task)."""
+    store, params, _ = _setup(tmp_path / "s.sqlite")
+    links = Links(ALICE, on_frame=lambda n, f: True, on_connected=lambda n: None, timeout=1.0)
+    outbox = Outbox(store, links, on_note=lambda n: None, on_durable=lambda op: None)
+    op = PersistStatus(channel_id=params.channel_id, status="open")
+    for _ in range(PACE_BACKLOG):
+        outbox.add_op(op)
+    passed = 0
+
+    async def caller() -> None:
+        nonlocal passed
+        await outbox.pace()
+        passed += 1
+        for _ in range(PACE_BACKLOG // 2):  # each caller's proposals
+            outbox.add_op(op)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(caller)
+            await trio.testing.wait_all_tasks_blocked()
+            assert passed == 0
+            outbox.ops.clear()  # the flusher takes the queue ...
+            outbox.taken.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert passed == 2  # ... two callers refill it, four wait for the next take
+            assert len(outbox.ops) == PACE_BACKLOG
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
 async def test_the_wal_stays_bounded_with_inline_and_threaded_commits(rig: Rig) -> None:
     """Checkpoints never run beside a commit of their store, so each one copies the
     whole WAL and the WAL is written over instead of growing: after three more
