@@ -96,9 +96,10 @@ class Committer:
     ``trio.to_thread`` would do, but its thread cache often starts a fresh thread when
     the flusher hands over the next plan before the last worker went idle; a long-lived
     thread fed through a queue costs a wake-up per commit and nothing more.  A
-    checkpoint runs on the thread while the loop goes on: beside lock-step traffic
-    (whose small commits run inline on the loop) it costs nothing; in pipelined traffic
-    it delays one commit in 1000, while the loop keeps filling the next batch."""
+    checkpoint runs on the thread while the loop goes on, but never beside a commit of
+    its store (see ``_lock``): a lock-step commit that meets one goes to the thread and
+    waits for it, and in pipelined traffic it delays one commit in 500, while the loop
+    keeps filling the next batch."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
