@@ -1,6 +1,6 @@
 """Where one lock-step update's time goes, hop by hop; JSON on the last line.
 
-    .venv/bin/python benchmarks/lockstep_trace.py [--pays N]
+    .venv/bin/python benchmarks/lockstep_trace.py [--quick] [--pays N]
 
 Two spawned children run the real ``open_client`` (as in ``updates.py``); alice pays
 bob N times, one at a time.  Inside both children a few methods are wrapped to stamp
@@ -194,8 +194,10 @@ def analyse(a: Stamps, b: Stamps) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pays", type=int, default=2000, help="lock-step pays traced")
+    ap.add_argument("--pays", type=int, help="lock-step pays traced (default 2000, quick 500)")
+    ap.add_argument("--quick", action="store_true", help="smaller run (a few seconds)")
     args = ap.parse_args()
+    args.pays = args.pays or (500 if args.quick else 2000)
     from channel.keys import Signer
 
     ctx = mp.get_context("spawn")
@@ -213,7 +215,7 @@ def main() -> None:
         alice.start()
         log(f"tracing {args.pays} lock-step pays")
         stamps_a, stamps_b = finish_pair(a_parent, alice, bob, 600, "alice")
-    result = {"benchmark": "lockstep_trace", **analyse(stamps_a, stamps_b)}
+    result = {"benchmark": "lockstep_trace", "quick": args.quick, **analyse(stamps_a, stamps_b)}
     result["machine"] = machine_info()
     print(json.dumps(result))
 
