@@ -107,7 +107,6 @@ class Client:
         self.require_funding = require_funding
         self.user_policy = policy
         self.policy: Policy = self._check_incoming
-        self.open_policy = open_policy
         self.update_timeout = update_timeout
         self.window = window
         self.listening: Listening | None = None

@@ -94,7 +94,11 @@ def build_plan(ops: Sequence[StoreOp]) -> Plan:
         # grouped into one insert and one update however the channels interleave.
         assert isinstance(op, PersistProposal | PersistLatest)
         _note(op, batch)
-        (inserts if kind is _INSERT else completions).append(op)  # type: ignore[arg-type]
+        if kind is _INSERT:
+            inserts.append(op)
+        else:
+            assert isinstance(op, PersistLatest)
+            completions.append(op)
     _flush_runs(steps, inserts, completions)
     if steps:
         steps.extend(_finish(batch))
@@ -113,7 +117,9 @@ def _note(op: PersistProposal | PersistLatest, batch: _Batch) -> None:
 
 
 def _flush_runs(
-    steps: list[Step], inserts: list[PersistProposal | PersistLatest], completions: list[Any]
+    steps: list[Step],
+    inserts: list[PersistProposal | PersistLatest],
+    completions: list[PersistLatest],
 ) -> None:
     if inserts:
         steps.append(_insert_run(inserts))
@@ -342,37 +348,39 @@ def _finish(batch: _Batch) -> list[Step]:
     return steps
 
 
-def _values_sql(template: str, width: int, rows: list[tuple[Any, ...]]) -> Step:
-    """``template`` with its ``{}`` filled by ``len(rows)`` value tuples, run in chunks."""
+def _values_statements(
+    template: str, width: int, rows: list[tuple[Any, ...]]
+) -> list[tuple[str, list[Any], list[tuple[Any, ...]]]]:
+    """``template`` with its ``{}`` filled by value tuples, one statement per chunk of
+    ``rows``: ``(sql, args, chunk)``."""
     row = "(" + ", ".join(["?"] * width) + ")"
-    statements = [
-        (template.format(", ".join([row] * len(c))), [x for r in c for x in r])
+    return [
+        (template.format(", ".join([row] * len(c))), [x for r in c for x in r], c)
         for c in _chunks(rows)
     ]
 
+
+def _values_sql(template: str, width: int, rows: list[tuple[Any, ...]]) -> Step:
+    statements = _values_statements(template, width, rows)
+
     def step(db: sqlite3.Connection) -> None:
-        for sql, args in statements:
+        for sql, args, _ in statements:
             db.execute(sql, args)
 
     return step
 
 
-def _set_latest(rows: list[tuple[bytes, int, int]]) -> Step:
+def _set_latest(rows: list[tuple[Any, ...]]) -> Step:
     """Move each channel's latest up to v (and max_signed with it); a channel whose latest
     is already at or above v fails the whole batch: a latest never rolls back."""
-    row = "(?, ?, ?)"
-    statements = [
-        (
-            "UPDATE channels SET latest_version = v.column2, "
-            "max_signed = max(channels.max_signed, v.column3) "
-            "FROM (VALUES " + ", ".join([row] * len(c)) + ") AS v "
-            "WHERE channels.channel_id = v.column1 "
-            "AND (channels.latest_version IS NULL OR channels.latest_version < v.column2)",
-            [x for r in c for x in r],
-            c,
-        )
-        for c in _chunks(rows)
-    ]
+    statements = _values_statements(
+        "UPDATE channels SET latest_version = v.column2, "
+        "max_signed = max(channels.max_signed, v.column3) "
+        "FROM (VALUES {}) AS v WHERE channels.channel_id = v.column1 "
+        "AND (channels.latest_version IS NULL OR channels.latest_version < v.column2)",
+        3,
+        rows,
+    )
 
     def step(db: sqlite3.Connection) -> None:
         for sql, args, chunk in statements:

@@ -495,3 +495,26 @@ def test_interleaved_channels_in_one_batch_keep_each_channels_order(path: Path) 
         store.apply(new)
     recs = {r.params.channel_id: r for r in store.load()}
     assert recs[fa.params.channel_id].latest == cosign(fa.params, a2)
+
+
+def test_a_batch_over_two_channels_names_the_one_that_would_roll_back(path: Path) -> None:
+    """The per-channel latest moves in one statement for the whole batch; when one
+    channel's latest would go back, the whole batch is refused, and the error names that
+    channel."""
+    store = Store(path, owner=ALICE.address)
+    fa, fb = opened(store, salt=b"\x01" * 32), opened(store, salt=b"\x02" * 32)
+    a2, b2 = pay(pay(fa.v0, 1), 2), pay(pay(fb.v0, 1), 2)
+    store.apply(
+        [
+            PersistLatest(params=f.params, signed=cosign(f.params, s))
+            for f, s in ((fa, a2), (fb, b2))
+        ]
+    )
+    before = (contents(store, fa.params), contents(store, fb.params))
+    batch = [
+        PersistLatest(params=fa.params, signed=cosign(fa.params, pay(a2, 3))),
+        PersistLatest(params=fb.params, signed=cosign(fb.params, b2)),  # already the latest
+    ]
+    with pytest.raises(StoreError, match=fb.params.channel_id.hex()[:16]):
+        store.apply(batch)
+    assert (contents(store, fa.params), contents(store, fb.params)) == before
