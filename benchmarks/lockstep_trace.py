@@ -181,6 +181,7 @@ def analyse(a: Stamps, b: Stamps) -> dict[str, Any]:
         "pays": len(pays),
         "p50_us_pay": round(percentile(totals, 50), 1),
         "p99_us_pay": round(percentile(totals, 99), 1),
+        "tail": _tail(pays, totals, hops),
         "hops": {
             k: {
                 "seen_in": len(v),
@@ -189,6 +190,28 @@ def analyse(a: Stamps, b: Stamps) -> dict[str, Any]:
             }
             for k, v in ordered
         },
+    }
+
+
+def _tail(pays: list[Stamps], totals: list[float], hops: dict[str, list[float]]) -> dict[str, Any]:
+    """Where the slowest 1% of pays lost their time: for each hop, the time it took in
+    those pays beyond its own median (when over 100 us), summed, and in how many."""
+    cut = percentile(totals, 99)
+    medians = {k: percentile(v, 50) for k, v in hops.items()}
+    excess: dict[str, float] = defaultdict(float)
+    slow_in: dict[str, int] = defaultdict(int)
+    slow = [p for p, total in zip(pays, totals, strict=True) if total >= cut]
+    for p in slow:
+        for (t1, s1), (t2, s2) in itertools.pairwise(p):
+            k = f"{t1} -> {t2}"
+            extra = (s2 - s1) / 1e3 - medians[k]
+            if extra > 100:
+                excess[k] += extra
+                slow_in[k] += 1
+    top = sorted(excess.items(), key=lambda kv: -kv[1])[:6]
+    return {
+        "pays": len(slow),
+        "hops_beyond_median_us": {k: {"total": round(v), "slow_in": slow_in[k]} for k, v in top},
     }
 
 
