@@ -157,18 +157,34 @@ class Connection(trio.abc.AsyncResource):
         sent and the connection stays usable) and ``TransportError`` if the
         connection is closed or the socket fails.
         """
-        async with self._send_lock:
+        await self._lock_sending()
+        try:
             self._check_sendable()
             await self._write(self._session.encrypt(msg))
+        finally:
+            self._send_lock.release()
 
     async def send_many(self, msgs: Sequence[bytes]) -> None:
         """Encrypt several messages and write them in one socket write.
 
         Either every message is accepted or, if one is oversize, none is.
         """
-        async with self._send_lock:
+        await self._lock_sending()
+        try:
             self._check_sendable()
             await self._write(self._session.encrypt_many(list(msgs)))
+        finally:
+            self._send_lock.release()
+
+    async def _lock_sending(self) -> None:
+        # ``async with trio.Lock`` yields to the scheduler even when the lock is free,
+        # and the bytes would wait a whole scheduler pass (20-40 us here) before the
+        # socket write; take a free lock at once (still raising if cancelled).
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
 
     def _check_sendable(self) -> None:
         if self._closed:

@@ -497,24 +497,52 @@ def test_interleaved_channels_in_one_batch_keep_each_channels_order(path: Path) 
     assert recs[fa.params.channel_id].latest == cosign(fa.params, a2)
 
 
-def test_a_batch_over_two_channels_names_the_one_that_would_roll_back(path: Path) -> None:
-    """The per-channel latest moves in one statement for the whole batch; when one
-    channel's latest would go back, the whole batch is refused, and the error names that
-    channel."""
+@pytest.mark.parametrize("channels", [2, 7])
+def test_a_batch_over_several_channels_names_the_one_that_would_roll_back(
+    path: Path, channels: int
+) -> None:
+    """The per-channel latest moves in keyed statements for a few channels and in one
+    statement for many; either way, when one channel's latest would go back, the whole
+    batch is refused, and the error names that channel."""
     store = Store(path, owner=ALICE.address)
-    fa, fb = opened(store, salt=b"\x01" * 32), opened(store, salt=b"\x02" * 32)
-    a2, b2 = pay(pay(fa.v0, 1), 2), pay(pay(fb.v0, 1), 2)
+    fs = [opened(store, salt=bytes([i + 1]) * 32) for i in range(channels)]
+    v2 = [pay(pay(f.v0, 1), 2) for f in fs]
     store.apply(
         [
             PersistLatest(params=f.params, signed=cosign(f.params, s))
-            for f, s in ((fa, a2), (fb, b2))
+            for f, s in zip(fs, v2, strict=True)
         ]
     )
-    before = (contents(store, fa.params), contents(store, fb.params))
+    before = [contents(store, f.params) for f in fs]
+    bad = channels // 2
     batch = [
-        PersistLatest(params=fa.params, signed=cosign(fa.params, pay(a2, 3))),
-        PersistLatest(params=fb.params, signed=cosign(fb.params, b2)),  # already the latest
+        PersistLatest(
+            params=f.params,
+            signed=cosign(f.params, s if i == bad else pay(s, 3)),  # bad: already the latest
+        )
+        for i, (f, s) in enumerate(zip(fs, v2, strict=True))
     ]
-    with pytest.raises(StoreError, match=fb.params.channel_id.hex()[:16]):
+    with pytest.raises(StoreError, match=fs[bad].params.channel_id.hex()[:16]):
         store.apply(batch)
-    assert (contents(store, fa.params), contents(store, fb.params)) == before
+    assert [contents(store, f.params) for f in fs] == before
+
+
+@pytest.mark.parametrize("channels", [1, 3, 7])
+def test_proposals_and_completions_over_several_channels(path: Path, channels: int) -> None:
+    """A batch of proposals on a few channels (keyed statements) or many (one statement
+    per run), then a batch of their countersignatures: each channel ends with its own
+    latest and max_signed, nothing in flight; completing them again is refused whole."""
+    store = Store(path, owner=ALICE.address)
+    fs = [opened(store, salt=bytes([i + 1]) * 32) for i in range(channels)]
+    ones = [pay(f.v0, 1, i) for i, f in enumerate(fs)]
+    store.apply([proposal(f.params, 0, s) for f, s in zip(fs, ones, strict=True)])
+    assert all(r.max_signed == 1 and r.latest is not None for r in store.load())
+    store.apply([_own(f.params, s) for f, s in zip(fs, ones, strict=True)])
+    recs = {r.params.channel_id: r for r in store.load()}
+    for f, s in zip(fs, ones, strict=True):
+        rec = recs[f.params.channel_id]
+        assert rec.latest == cosign(f.params, s) and rec.in_flight == () and rec.max_signed == 1
+    before = [contents(store, f.params) for f in fs]
+    with pytest.raises(StoreError, match="not all our in-flight proposals"):
+        store.apply([_own(f.params, s) for f, s in zip(fs, ones, strict=True)])
+    assert [contents(store, f.params) for f in fs] == before
