@@ -6,7 +6,7 @@ Two spawned children run the real ``open_client`` (as in ``updates.py``); alice 
 bob N times, one at a time.  Inside both children a few methods are wrapped to stamp
 ``time.perf_counter_ns()`` (CLOCK_MONOTONIC: one clock for both processes) on entry
 and exit: ``Client.pay``, ``Outbox.emit``, ``Store.prepare``, ``Store.commit`` (and the
-``COMMIT`` statement in it), ``Connection.send_many`` / ``receive`` and the handling
+``COMMIT`` statement in it), ``Connection.send_many`` / ``send_now`` / ``receive`` and the handling
 of each received frame.  The stamps of both processes are merged in time order and
 cut into pays; the JSON gives, for every pair of consecutive stamps seen in most
 pays, the median and p99 in microseconds, plus the median and p99 of a whole pay.
@@ -85,6 +85,7 @@ def install_stamps(who: str, stamps: Stamps) -> None:
     wrap(outbox.Outbox, "emit", "emit")
     wrap(store.Store, "prepare", "prepare")
     wrap(transport.Connection, "send_many", "send")
+    wrap(transport.Connection, "send_now", "send")
     wrap(transport.Connection, "receive", "receive")
     wrap(inbound.Inbound, "on_frame", "frame")
 

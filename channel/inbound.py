@@ -86,10 +86,12 @@ class Inbound:
 
     def on_idle(self, node_id: bytes) -> None:
         """Every frame read from ``node_id`` is handled: countersign, on each channel,
-        the newest of its proposals (one signature, one fsync, one ``Accept``)."""
+        the newest of its proposals (one signature, one fsync, one ``Accept``); then, if
+        that is all there is to do, commit and send it before the reader waits."""
         for ch in self._deferred.pop(node_id, {}).values():
             if ch.machine.deferred:
                 self.outbox.emit(node_id, ch.machine.handle(ActionCountersign()))
+        self.outbox.flush_now()
 
     def on_frame(self, node_id: bytes, frame: bytes) -> bool:
         """Handle one frame from ``node_id``; a refused one gets an ``Error`` reply and

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from channel.errors import FundsAtRiskError, LocalProtocolError, TransportError
+from channel.errors import FundsAtRiskError, LocalProtocolError, OversizeError, TransportError
 from channel.keys import Signer
 from channel.transport import Connection, PeerAddress, connect
 
@@ -45,6 +45,7 @@ class Peer:
         self.send, self.recv = trio.open_memory_channel[list[bytes]](math.inf)
         self.queued = 0
         self.errors = 0
+        self.dropping = False
         self.closed = trio.Event()
 
 
@@ -108,16 +109,35 @@ class Links:
                 self._changed = trio.Event()
             await self._changed.wait()
 
-    async def queue(self, node_id: bytes, frames: list[bytes]) -> bool:
+    def queue(self, node_id: bytes, frames: list[bytes]) -> bool:
         """Hand ``frames`` to the peer's writer; False if the peer is offline or stalled
-        (then the reconnect ``Sync`` carries everything that matters)."""
+        (then the reconnect ``Sync`` carries everything that matters).  A stalled peer is
+        disconnected (by a task of its own: this never waits)."""
         p = self.peers.get(node_id)
         if p is None:
             return False
+        if p.queued == 0:
+            # The writer has nothing waiting: write on this task, now, rather than wake
+            # it (a scheduler pass before the bytes leave); it only finishes a write the
+            # socket buffer could not take.
+            try:
+                sent = p.conn.send_now(frames)
+            except TransportError:
+                return False  # the link is failing; its writer and reader close it
+            except OversizeError:  # pragma: no cover - codec.encode refuses them first
+                log.error("dropping an oversize frame batch for %s", node_id.hex()[:16])
+                return False
+            if sent:
+                if p.conn.send_pending:
+                    p.send.send_nowait([])
+                return True
         p.queued += len(frames)
         if p.queued > SEND_QUEUE_LIMIT:
-            log.warning("peer %s stalled; disconnecting", node_id.hex()[:16])
-            await self.drop(node_id)
+            if not p.dropping:
+                log.warning("peer %s stalled; disconnecting", node_id.hex()[:16])
+                p.dropping = True
+                if self._nursery is not None:
+                    self._nursery.start_soon(trio.aclose_forcefully, p.conn)
             return False
         p.send.send_nowait(frames)
         return True

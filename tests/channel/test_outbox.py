@@ -250,3 +250,96 @@ async def test_a_checkpoint_waits_for_the_commit_in_progress(rig: Rig) -> None:
     committing.join(5)
     assert checkpointed.wait(5)
     assert _in_flight(rig.store) == [1, 2]
+
+
+@attrs.define
+class Flushing:
+    """An outbox whose flusher runs; records what it delivered and when."""
+
+    outbox: Outbox
+    params: Params
+    v0: State
+    store: Store
+    notes: list[object] = attrs.Factory(list)
+    durable: list[int] = attrs.Factory(list)
+
+    def propose(self, version: int) -> None:
+        self.outbox.emit(BOB.node_id, [_proposal(self.params, self.v0, version)])
+
+
+@pytest.fixture
+async def flushing(tmp_path: Path) -> Iterator[Flushing]:  # type: ignore[misc]
+    store, params, v0 = _setup(tmp_path / "s.sqlite")
+    links = Links(ALICE, on_frame=lambda n, f: True, on_connected=lambda n: None, timeout=1.0)
+    rig = Flushing(outbox=None, params=params, v0=v0, store=store)  # type: ignore[arg-type]
+    rig.outbox = Outbox(
+        store,
+        links,
+        on_note=rig.notes.append,
+        on_durable=lambda op: rig.durable.append(op.signed.state.version),
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rig.outbox.run)
+        await trio.testing.wait_all_tasks_blocked()
+        yield rig
+        nursery.cancel_scope.cancel()
+    store.close()
+
+
+async def test_flush_now_commits_a_lone_update_on_the_calling_task(flushing: Flushing) -> None:
+    """With the flusher idle and nothing else to run, flush_now commits the lone update
+    and delivers its results before it returns: no pass through the scheduler."""
+    flushing.propose(1)
+    flushing.outbox.add_send(BOB.node_id, b"frame")  # peer offline: dropped, as by the flusher
+    flushing.outbox.emit(BOB.node_id, [object()])  # type: ignore[list-item]  # a note
+    flushing.outbox.flush_now()
+    assert _in_flight(flushing.store) == [1]
+    assert len(flushing.notes) == 1 and not flushing.outbox.busy()
+    assert flushing.outbox.idle.is_set()
+
+
+async def test_flush_now_leaves_batches_and_busy_loops_to_the_flusher(
+    flushing: Flushing,
+) -> None:
+    """More than INLINE_COMMIT_OPS operations, another task ready to run, or a batch the
+    flusher holds: flush_now does nothing (the flusher commits it, in order)."""
+    for v in (1, 2, 3):
+        flushing.propose(v)
+    flushing.outbox.flush_now()
+    assert _in_flight(flushing.store) == []  # three operations: a batch for the flusher
+    await flushing.outbox.drain()
+    assert _in_flight(flushing.store) == [1, 2, 3]
+
+    async def busy() -> None:
+        await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(busy)
+        nursery.start_soon(busy)
+        flushing.propose(4)
+        flushing.outbox.flush_now()  # two tasks ready to run (and the flusher)
+        assert _in_flight(flushing.store) == [1, 2, 3]
+    await flushing.outbox.drain()
+    assert _in_flight(flushing.store) == [1, 2, 3, 4]
+
+
+async def test_flush_now_leaves_a_failing_update_queued_for_the_flusher(tmp_path: Path) -> None:
+    """An update whose plan fails (rule S) is not taken by flush_now: it stays queued, and
+    the flusher meets the error, as without the shortcut."""
+    store, params, v0 = _setup(tmp_path / "s.sqlite")
+    links = Links(ALICE, on_frame=lambda n, f: True, on_connected=lambda n: None, timeout=1.0)
+    outbox = Outbox(store, links, on_note=lambda n: None, on_durable=lambda op: None)
+    try:
+        with pytest.RaisesGroup(pytest.RaisesExc(StoreError, match="already signed")):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(outbox.run)
+                await trio.testing.wait_all_tasks_blocked()
+                outbox.emit(BOB.node_id, [_proposal(params, v0, 1)])
+                outbox.flush_now()
+                assert _in_flight(store) == [1]
+                outbox.emit(BOB.node_id, [_proposal(params, v0, 1)])  # signed before
+                outbox.flush_now()
+                assert len(outbox.ops) == 1  # still queued
+                await trio.sleep_forever()  # the flusher raises
+    finally:
+        store.close()

@@ -88,11 +88,12 @@ def path(tmp_path: Path) -> Path:
 
 
 def test_wal_and_synchronous_full(path: Path) -> None:
-    """The store's connection runs in WAL mode with synchronous=FULL (2)."""
+    """The store's connection runs in WAL mode with synchronous=FULL (2), temp tables in memory."""
     store = Store(path, owner=ALICE.address)
     db = store._db
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert db.execute("PRAGMA temp_store").fetchone()[0] == 2  # MEMORY
     assert store.schema_version() == SCHEMA_VERSION
     store.close()
     # WAL mode is persistent in the file itself

@@ -7,13 +7,14 @@ from functools import partial
 
 import pytest
 import trio
+import trio.testing
 from coincurve import PrivateKey
 
 from channel import noise
 from channel.errors import HandshakeError, OversizeError, PeerTimeout, TransportError
 from channel.keys import Signer
 from channel.limits import MAX_FRAME
-from channel.noise import ACT_TWO_SIZE, Initiator, NoiseSession
+from channel.noise import ACT_TWO_SIZE, Initiator, NoiseSession, Responder
 from channel.transport import (
     Connection,
     Handler,
@@ -456,3 +457,71 @@ async def test_receive_buffered_returns_what_one_read_brought_and_never_waits() 
             await wait_dropped(stream)
             await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_send_now_writes_at_once_and_keeps_order_when_the_socket_is_full() -> None:
+    """send_now writes without waiting; when the peer stops reading and the socket buffer
+    fills, it still takes the frames (their nonces are spent) and leaves the rest
+    pending, refuses more until a send_many writes that rest first; while a send is in
+    progress it does nothing and says so.  The peer gets every frame, in order."""
+    got: list[bytes] = []
+    reading = trio.Event()
+    done = trio.Event()
+
+    async def reader(conn: Connection) -> None:
+        await reading.wait()
+        while True:
+            try:
+                got.append(await conn.receive())
+            except TransportError:
+                break
+        done.set()
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, reader)
+            conn = await connect(Signer.generate(), address)
+            blob = os.urandom(30_000)
+            sent: list[bytes] = []
+            while not conn.send_pending:  # the peer reads nothing: the buffer fills up
+                msg = len(sent).to_bytes(4, "big") + blob
+                assert conn.send_now([msg])
+                sent.append(msg)
+            assert len(sent) > 2  # some went out at once before the buffer was full
+            assert not conn.send_now([b"overtaking"])  # never past the pending rest
+            blocked = trio.Event()
+
+            async def send_rest() -> None:
+                blocked.set()
+                await conn.send_many([b"after"])
+
+            nursery.start_soon(send_rest)
+            await blocked.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not conn.send_now([b"overtaking"])  # send_many holds the socket
+            reading.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not conn.send_pending
+            assert conn.send_now([b"last"])
+            await conn.aclose()
+            await done.wait()
+            assert got == [*sent, b"after", b"last"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_send_now_is_only_for_tcp_sockets() -> None:
+    """Over any other stream (here an in-memory pair) send_now does nothing and says so:
+    the caller sends through send_many as before."""
+    key = PrivateKey()
+    initiator, responder = Initiator(PrivateKey(), key.public_key.format()), Responder(key)
+    act_three, session = initiator.receive_act_two(responder.receive_act_one(initiator.act_one()))
+    responder_session = responder.receive_act_three(act_three)
+    left, right = trio.testing.memory_stream_pair()
+    conn = Connection(left, session)
+    assert not conn.send_now([b"x"])
+    await conn.send_many([b"x"])  # ... and that path works
+    got = await right.receive_some()
+    responder_session.receive_data(got)
+    assert responder_session.next_message() == b"x"
+    await left.aclose()
+    await right.aclose()

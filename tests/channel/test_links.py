@@ -1,0 +1,88 @@
+"""Links against real TCP: frames go out at once when the writer is idle, and a peer
+that stops reading is disconnected once its queue overflows."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+import trio.testing
+from test_transport import TEST_DEADLINE, start_server
+
+from channel import links as links_module
+from channel.errors import TransportError
+from channel.keys import Signer
+from channel.links import Links
+from channel.transport import Connection
+
+ALICE = Signer.generate()
+
+
+def _links() -> Links:
+    return Links(ALICE, on_frame=lambda n, f: True, on_connected=lambda n: None, timeout=5.0)
+
+
+async def test_queued_frames_arrive_in_order_whether_written_at_once_or_by_the_writer() -> None:
+    """A burst larger than the socket buffer: the first frames are written at once by
+    the queueing task, the rest by the peer's writer once the peer reads; none is lost
+    or reordered."""
+    got: list[bytes] = []
+    reading = trio.Event()
+    all_read = trio.Event()
+
+    async def handler(conn: Connection) -> None:
+        await reading.wait()
+        while len(got) < 200:
+            got.append(await conn.receive())
+        all_read.set()
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, handler)
+            links = _links()
+            links.attach(nursery)
+            await links.connect(address)
+            blob = os.urandom(20_000)
+            sent = [i.to_bytes(2, "big") + blob for i in range(200)]
+            for i in range(0, 200, 4):
+                assert links.queue(address.node_id, sent[i : i + 4])
+            reading.set()
+            await all_read.wait()
+            assert got == sent
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_stops_reading_is_dropped_once_its_queue_overflows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The socket buffer fills, frames queue for the writer, and past SEND_QUEUE_LIMIT
+    queue() refuses them and the link is closed (without the queueing task waiting)."""
+    monkeypatch.setattr(links_module, "SEND_QUEUE_LIMIT", 50)
+    closed = trio.Event()
+    stop_sleeping = trio.Event()
+
+    async def handler(conn: Connection) -> None:
+        await stop_sleeping.wait()
+        try:
+            while True:
+                await conn.receive()
+        except TransportError:
+            closed.set()
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, handler)
+            links = _links()
+            links.attach(nursery)
+            await links.connect(address)
+            blob = os.urandom(30_000)
+            refused_at = None
+            for i in range(1000):
+                if not links.queue(address.node_id, [blob]):
+                    refused_at = i
+                    break
+            assert refused_at is not None and refused_at > 50
+            stop_sleeping.set()  # the peer reads what reached it, then sees the close
+            await closed.wait()
+            nursery.cancel_scope.cancel()
