@@ -4,6 +4,8 @@ that stops reading is disconnected once its queue overflows."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -14,13 +16,24 @@ from channel import links as links_module
 from channel.errors import TransportError
 from channel.keys import Signer
 from channel.links import Links
-from channel.transport import Connection
+from channel.transport import Connection, Handler
 
 ALICE = Signer.generate()
 
 
-def _links() -> Links:
-    return Links(ALICE, on_frame=lambda n, f: True, on_connected=lambda n: None, timeout=5.0)
+@asynccontextmanager
+async def linked(handler: Handler) -> AsyncIterator[tuple[Links, bytes]]:
+    """A Links with a live link to a real server running ``handler``."""
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, handler)
+            links = Links(
+                ALICE, on_frame=lambda n, f: True, on_connected=lambda n: None, timeout=5.0
+            )
+            links.attach(nursery)
+            await links.connect(address)
+            yield links, address.node_id
+            nursery.cancel_scope.cancel()
 
 
 async def test_queued_frames_arrive_in_order_whether_written_at_once_or_by_the_writer() -> None:
@@ -37,20 +50,14 @@ async def test_queued_frames_arrive_in_order_whether_written_at_once_or_by_the_w
             got.append(await conn.receive())
         all_read.set()
 
-    with trio.fail_after(TEST_DEADLINE):
-        async with trio.open_nursery() as nursery:
-            _, address = await start_server(nursery, handler)
-            links = _links()
-            links.attach(nursery)
-            await links.connect(address)
-            blob = os.urandom(20_000)
-            sent = [i.to_bytes(2, "big") + blob for i in range(200)]
-            for i in range(0, 200, 4):
-                assert links.queue(address.node_id, sent[i : i + 4])
-            reading.set()
-            await all_read.wait()
-            assert got == sent
-            nursery.cancel_scope.cancel()
+    async with linked(handler) as (links, node_id):
+        blob = os.urandom(20_000)
+        sent = [i.to_bytes(2, "big") + blob for i in range(200)]
+        for i in range(0, 200, 4):
+            assert links.queue(node_id, sent[i : i + 4])
+        reading.set()
+        await all_read.wait()
+        assert got == sent
 
 
 async def test_a_peer_that_stops_reading_is_dropped_once_its_queue_overflows(
@@ -70,19 +77,13 @@ async def test_a_peer_that_stops_reading_is_dropped_once_its_queue_overflows(
         except TransportError:
             closed.set()
 
-    with trio.fail_after(TEST_DEADLINE):
-        async with trio.open_nursery() as nursery:
-            _, address = await start_server(nursery, handler)
-            links = _links()
-            links.attach(nursery)
-            await links.connect(address)
-            blob = os.urandom(30_000)
-            refused_at = None
-            for i in range(1000):
-                if not links.queue(address.node_id, [blob]):
-                    refused_at = i
-                    break
-            assert refused_at is not None and refused_at > 50
-            stop_sleeping.set()  # the peer reads what reached it, then sees the close
-            await closed.wait()
-            nursery.cancel_scope.cancel()
+    async with linked(handler) as (links, node_id):
+        blob = os.urandom(30_000)
+        refused_at = None
+        for i in range(1000):
+            if not links.queue(node_id, [blob]):
+                refused_at = i
+                break
+        assert refused_at is not None and refused_at > 50
+        stop_sleeping.set()  # the peer reads what reached it, then sees the close
+        await closed.wait()
