@@ -141,7 +141,7 @@ class Connection(trio.abc.AsyncResource):
         # Ciphertext that ``send_now`` could not write at once: the next send writes it
         # first (its frames' nonces are spent, so nothing may overtake it).
         self._unsent = b""
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._receiving = False
         self._send_broken: str | None = None
         self._closed = False
@@ -180,12 +180,14 @@ class Connection(trio.abc.AsyncResource):
         frames are committed to this connection: written, or (socket buffer full, or
         the socket failed) left for the next :meth:`send_many`, which writes the rest
         first or raises ``TransportError``.  Raises ``OversizeError`` as ``send_many``."""
-        if self._fd < 0 or self._unsent or self._send_lock.locked():
+        if self._socket is None or self._unsent or self._send_lock.locked():
             return False
         self._check_sendable()
         data = self._session.encrypt_many(list(msgs))
         try:
-            written = os.write(self._fd, data)
+            # The descriptor is read now, not kept: a closed socket gives -1 (EBADF),
+            # never a number the process has since reused for another file.
+            written = os.write(self._socket.fileno(), data)
         except BlockingIOError:
             written = 0
         except OSError as exc:

@@ -525,3 +525,17 @@ async def test_send_now_is_only_for_tcp_sockets() -> None:
     assert responder_session.next_message() == b"x"
     await left.aclose()
     await right.aclose()
+
+
+async def test_send_now_on_a_closed_connection_raises() -> None:
+    """A closed connection refuses send_now with TransportError, as it refuses send."""
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo)
+            conn = await connect(Signer.generate(), address)
+            assert conn.send_now([b"ping"])
+            assert await conn.receive() == b"ping"
+            await conn.aclose()
+            with pytest.raises(TransportError, match="closed"):
+                conn.send_now([b"late"])
+            nursery.cancel_scope.cancel()
