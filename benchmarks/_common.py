@@ -218,3 +218,39 @@ def install_ablations() -> None:
         Store.commit = commit  # type: ignore[method-assign]
     if asked:
         log(f"  EXPERIMENT: ablated {asked} (not a result)")
+
+
+def sqlite_commit_ms(directory: str, commits: int = 600) -> dict[str, float]:
+    """The latency of a bare durable SQLite commit on this disk, now: a WAL database with
+    ``synchronous=FULL`` in ``directory``; each commit inserts one ~450-byte row and
+    updates one (what a lock-step update's commits write), with a checkpoint every 200
+    commits so the WAL is written over as the store's is.  p50 and p99 in ms.  No
+    client code: the floor the store's commits stand on."""
+    import sqlite3
+
+    path = os.path.join(directory, "commit-probe.sqlite")
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA wal_autocheckpoint=0")
+        db.execute(
+            "CREATE TABLE s (k BLOB, v INTEGER, body BLOB, PRIMARY KEY (k, v)) WITHOUT ROWID"
+        )
+        db.execute("CREATE TABLE c (k BLOB PRIMARY KEY, latest INTEGER) WITHOUT ROWID")
+        key = os.urandom(32)
+        db.execute("INSERT INTO c VALUES (?, 0)", (key,))
+        times = []
+        for v in range(1, commits + 1):
+            body = os.urandom(450)
+            t = time.perf_counter()
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO s VALUES (?, ?, ?)", (key, v, body))
+            db.execute("UPDATE c SET latest = ? WHERE k = ?", (v, key))
+            db.execute("COMMIT")
+            times.append((time.perf_counter() - t) * 1000)
+            if v % 200 == 0:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    finally:
+        db.close()
+    return {"p50": round(percentile(times, 50), 3), "p99": round(percentile(times, 99), 3)}

@@ -9,6 +9,11 @@ BOLT 8 over loopback TCP, SQLite WAL ``synchronous=FULL`` store in a temp dir).
 * pipelined: N ``pay()`` calls from 4 x window caller tasks on one channel (window 256);
 * lock-step: M ``pay()`` calls awaited one at a time, each latency recorded.
 
+``lockstep_floor_ms`` is what no durable lock-step update can beat on this machine,
+measured in the same run: the bare baseline's lock-step p50 plus three bare SQLite
+commits (``sqlite_commit_ms``: WAL, ``synchronous=FULL``, one small row each), one
+for each commit on an update's critical path.
+
 In the same run, a bare baseline: two processes doing only the co-signing over
 plain Trio TCP with 4-byte length-prefixed frames -- the same two-asset state,
 the same canonical-CBOR ``Propose``/``Accept`` messages (``channel.codec``), the
@@ -51,6 +56,7 @@ from _common import (
     machine_info,
     percentile,
     run_trio,
+    sqlite_commit_ms,
     wait_result,
 )
 
@@ -584,12 +590,20 @@ def main() -> None:
     bare_cum_rate = bare_n / bare_cum["pipelined_s"]
     log(f"  bare pipelined, cumulative countersign {bare_cum_rate:,.0f}/s")
 
+    with tempfile.TemporaryDirectory() as d:
+        commit_ms = sqlite_commit_ms(d)
+    log(f"bare SQLite commit (WAL, synchronous=FULL): p50 {commit_ms['p50']} ms")
     log(f"channel: {n_pipe} pipelined + {n_lock} lock-step durable encrypted updates")
     ch = run_channel(n_pipe, n_lock, args.profile, args.window)
     pipe, lock = ch["pipelined"], ch["lockstep"]
     rate_pipe = pipe["updates"] / pipe["seconds"]
     lat_ms = [x * 1000 for x in lock["latencies"]]
     bare_lat_ms = [x * 1000 for x in bare["lockstep"]]
+
+    # A durable lock-step update has three commits on its critical path (the proposer's
+    # proposal, the responder's countersigned state, the proposer's completion), so it
+    # cannot beat the bare baseline's round trip plus three bare SQLite commits.
+    floor_ms = percentile(bare_lat_ms, 50) + 3 * commit_ms["p50"]
 
     def per_update(phase: dict[str, Any], key: str) -> float:
         return (phase["alice"][key] + phase["bob"][key]) / phase["updates"]
@@ -618,6 +632,9 @@ def main() -> None:
         "bare_updates_per_s_lockstep": round(len(bare_lat_ms) / (sum(bare_lat_ms) / 1000), 1),
         "bare_p50_ms_lockstep": round(percentile(bare_lat_ms, 50), 3),
         "bare_p99_ms_lockstep": round(percentile(bare_lat_ms, 99), 3),
+        "sqlite_commit_ms": commit_ms,
+        "lockstep_floor_ms": round(floor_ms, 3),
+        "ratio_p50_lockstep_vs_floor": round(percentile(lat_ms, 50) / floor_ms, 3),
         "bare_cpu_ms_per_update_pipelined": {
             who: round(bare["cpu_s"][who] * 1000 / bare_n, 4) for who in ("proposer", "responder")
         },
