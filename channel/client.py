@@ -378,6 +378,17 @@ class Client:
         """The latest co-signed state that is durable in our store."""
         return self._channel(channel_id).durable
 
+    async def prune_history(self, channel_id: bytes | None = None) -> int:
+        """Delete the stored history of a channel (default: of every channel): each state
+        below its latest co-signed one, save our proposals still in flight; returns how
+        many went.  What a dispute needs stays, and rule S holds without the rows.  Runs
+        between commits, ``outbox.PRUNE_CHUNK`` states at a time; export the audit trail
+        first (``Store.signed_states``) if you need it."""
+        ids = list(self._channels) if channel_id is None else [channel_id]
+        for cid in ids:
+            self._channel(cid)  # LocalProtocolError for an unknown channel
+        return await self.outbox.prune_history(ids)
+
     def params(self, channel_id: bytes) -> Params:
         return self._channel(channel_id).machine.params
 

@@ -16,16 +16,19 @@ three commits of an update.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import outcome
 import trio
 import trio.lowlevel
 
 from channel import codec
+from channel.errors import LocalProtocolError
 from channel.links import Links
 from channel.machine import (
     Output,
@@ -37,6 +40,8 @@ from channel.machine import (
 from channel.store import Plan, Store, StoreOp
 
 log = logging.getLogger("optichannel.outbox")
+
+T = TypeVar("T")
 
 #: A batch of up to this many store operations commits on the Trio thread when the loop
 #: is otherwise idle (lock-step traffic: the thread hand-off would cost more than it
@@ -52,6 +57,10 @@ PACE_BACKLOG = 256
 #: the WAL stays at a few MB and is then written over from its start.  Not more often:
 #: a checkpoint costs two fsyncs, and the store's next commit waits for it.
 CHECKPOINT_EVERY_COMMITS = 500
+
+#: States one transaction of ``prune_history`` deletes: it holds the store (every commit
+#: waits) for a few milliseconds.
+PRUNE_CHUNK = 1000
 
 #: Committer threads per process.  Every store is served by one of them (so its commits
 #: stay in order); a process with many clients (a test harness, a hub of counterparties)
@@ -128,9 +137,9 @@ class Committer:
         except Exception:  # a failed checkpoint loses nothing: the WAL has it all
             log.exception("WAL checkpoint failed")
 
-    def _commit(self, plan: Plan) -> None:
+    def _locked(self, fn: Callable[[], T]) -> T:
         with self._lock:
-            self.store.commit(plan)
+            return fn()
 
     def try_commit_inline(self, plan: Plan) -> bool:
         """Commit ``plan`` on the calling (Trio) thread, blocking for the fsync, unless
@@ -148,11 +157,16 @@ class Committer:
     async def commit(self, plan: Plan) -> None:
         """Commit ``plan`` on the committer thread; not abandoned on cancellation (the
         commit finishes, and its outcome is known, before this returns or raises)."""
+        await self.call(functools.partial(self.store.commit, plan))
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (a write of the store's own) on the committer thread, between
+        commits, and return its result; like :meth:`commit`, never abandoned."""
         token = trio.lowlevel.current_trio_token()
         task = trio.lowlevel.current_task()
 
         def job() -> None:
-            result = outcome.capture(self._commit, plan)
+            result = outcome.capture(self._locked, fn)
             with contextlib.suppress(trio.RunFinishedError):  # the run ended under us
                 token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
@@ -312,6 +326,29 @@ class Outbox:
                 self.on_durable(op)
         if not self.busy():
             self.idle.set()
+
+    async def prune_history(self, channel_ids: Sequence[bytes]) -> int:
+        """Delete the history of ``channel_ids`` (``Store.prune_history``) on the committer
+        thread, between commits, ``PRUNE_CHUNK`` states a transaction, each followed by a
+        checkpoint so that the WAL never holds more than one chunk's pages; how many
+        states went.  Raises ``LocalProtocolError`` if the flusher is not running."""
+        if self._committer is None:
+            raise LocalProtocolError("the client is not running")
+        store, total = self.store, 0
+
+        def chunk(cid: bytes) -> int:
+            n = store.prune_history(cid, limit=PRUNE_CHUNK)
+            if n:
+                store.checkpoint()
+            return n
+
+        for cid in channel_ids:
+            while True:
+                n = await self._committer.call(functools.partial(chunk, cid))
+                total += n
+                if n < PRUNE_CHUNK:
+                    break
+        return total
 
     async def drain(self) -> None:
         """Wait until everything queued so far is durable and handed to the sockets."""

@@ -16,7 +16,8 @@ Tables
 ``states``    every state we signed, with the signatures we hold, and its status:
               IN_FLIGHT (our half-signed proposal), COSIGNED, or BURNED (rejected
               or dropped — its version is never reused).  The latest co-signed row
-              is the one a dispute needs; the rest is the audit trail.
+              is the one a dispute needs; the rest is the audit trail, which grows
+              by ~0.5 kB an update until :meth:`Store.prune_history` deletes it.
 
 Migrations run forward in place (``_MIGRATIONS``); a file from a newer release
 is refused with ``StoreError`` rather than guessed at.
@@ -25,7 +26,8 @@ is refused with ``StoreError`` rather than guessed at.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
@@ -207,12 +209,36 @@ class Store:
         nothing.  Raises ``StoreError``."""
         if not plan.steps:
             return
+        with self._transaction() as db:
+            for step in plan.steps:
+                step(db)
+
+    def prune_history(self, channel_id: bytes, *, limit: int) -> int:
+        """Delete up to ``limit`` of the channel's oldest states below its latest
+        co-signed one, in one transaction (fsynced); how many went.  Never the latest,
+        never a proposal of ours still in flight: what a dispute needs stays.  Rule S
+        holds without the rows (``max_signed`` stays, and the store refuses a new
+        proposal that is not above the latest).  Not thread-safe against commits: the
+        client runs it on its committer thread (``Client.prune_history``)."""
+        with self._transaction() as db:
+            deleted = db.execute(
+                "DELETE FROM states WHERE channel_id = ?1 AND version IN ("
+                "SELECT version FROM states WHERE channel_id = ?1 AND status != ?2 "
+                "AND version < (SELECT latest_version FROM channels WHERE channel_id = ?1) "
+                "ORDER BY version LIMIT ?3)",
+                (channel_id, IN_FLIGHT, limit),
+            ).rowcount
+        return int(deleted)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed (and fsynced) if the block completes, else
+        rolled back; a database error becomes ``StoreError``."""
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                for step in plan.steps:
-                    step(db)
+                yield db
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, NoReturn, TypeAlias
+from typing import Any, TypeAlias
 
 import attrs
 import cbor2
@@ -108,7 +108,9 @@ def build_plan(ops: Sequence[StoreOp]) -> Plan:
 def _note(op: PersistProposal | PersistLatest, batch: _Batch) -> None:
     cid = op.params.channel_id
     if isinstance(op, PersistProposal):
-        batch.max_signed[cid] = max(op.state.version, batch.max_signed.get(cid, 0))
+        v = op.state.version
+        batch.max_signed[cid] = max(v, batch.max_signed.get(cid, 0))
+        batch.first_proposal[cid] = min(v, batch.first_proposal.get(cid, v))
         return
     v = op.signed.state.version
     _note_latest(batch, cid, v)
@@ -186,6 +188,7 @@ class _Batch:
         self.max_signed: dict[bytes, int] = {}
         self.latest: dict[bytes, int] = {}
         self.burn_below: dict[bytes, int] = {}
+        self.first_proposal: dict[bytes, int] = {}  # our lowest new proposal per channel
 
 
 def _note_latest(batch: _Batch, cid: bytes, v: int) -> None:
@@ -334,9 +337,16 @@ def _retire_below(batch: _Batch, cid: bytes, v: int) -> None:
 
 def _finish(batch: _Batch) -> list[Step]:
     """The per-channel effects of the batch, one multi-row statement each when it touched
-    more than a few channels (a hundred keyed statements cost a GIL round trip each)."""
+    more than a few channels (a hundred keyed statements cost a GIL round trip each).
+
+    Each also checks rule S for the batch's proposals at the store: a proposal must be
+    above the channel's latest co-signed version (versions at or below it may have no row
+    left to collide with once the history is pruned)."""
     steps = []
-    latest = [(cid, v, batch.max_signed[cid]) for cid, v in batch.latest.items()]
+    latest = [
+        (cid, v, batch.max_signed[cid], batch.first_proposal.get(cid))
+        for cid, v in batch.latest.items()
+    ]
     if latest:
         steps.append(_set_latest(latest))
     for cid, v in batch.burn_below.items():
@@ -348,25 +358,24 @@ def _finish(batch: _Batch) -> list[Step]:
                 (BURNED, cid, IN_FLIGHT, v),
             )
         )
-    signed = [(cid, v) for cid, v in batch.max_signed.items() if cid not in batch.latest]
+    signed = [
+        (cid, v, batch.first_proposal.get(cid))
+        for cid, v in batch.max_signed.items()
+        if cid not in batch.latest
+    ]
     if signed:
         statements = _update_rows(
-            "UPDATE channels SET max_signed = max(max_signed, ?2) WHERE channel_id = ?1",
+            "UPDATE channels SET max_signed = max(max_signed, ?2) WHERE channel_id = ?1 "
+            "AND (?3 IS NULL OR latest_version IS NULL OR latest_version < ?3)",
             "UPDATE channels SET max_signed = max(channels.max_signed, v.column2) "
-            "FROM (VALUES {}) AS v WHERE channels.channel_id = v.column1",
-            2,
+            "FROM (VALUES {}) AS v WHERE channels.channel_id = v.column1 "
+            "AND (v.column3 IS NULL OR channels.latest_version IS NULL "
+            "OR channels.latest_version < v.column3)",
+            3,
             signed,
         )
-        steps.append(_run_statements(statements))
+        steps.append(_checked(statements, _explain_signed))
     return steps
-
-
-def _run_statements(statements: Statements) -> Step:
-    def step(db: sqlite3.Connection) -> None:
-        for sql, args, _ in statements:
-            db.execute(sql, args)
-
-    return step
 
 
 def _values_statements(template: str, width: int, rows: list[tuple[Any, ...]]) -> Statements:
@@ -381,46 +390,70 @@ def _values_statements(template: str, width: int, rows: list[tuple[Any, ...]]) -
 
 def _set_latest(rows: list[tuple[Any, ...]]) -> Step:
     """Move each channel's latest up to v (and max_signed with it); a channel whose latest
-    is already at or above v fails the whole batch: a latest never rolls back."""
+    is already at or above v fails the whole batch: a latest never rolls back.  Rows are
+    ``(channel, v, max_signed, lowest proposal of the batch or None)``."""
     statements = _update_rows(
         "UPDATE channels SET latest_version = ?2, max_signed = max(max_signed, ?3) "
-        "WHERE channel_id = ?1 AND (latest_version IS NULL OR latest_version < ?2)",
+        "WHERE channel_id = ?1 AND (latest_version IS NULL OR "
+        "(latest_version < ?2 AND (?4 IS NULL OR latest_version < ?4)))",
         "UPDATE channels SET latest_version = v.column2, "
         "max_signed = max(channels.max_signed, v.column3) "
         "FROM (VALUES {}) AS v WHERE channels.channel_id = v.column1 "
-        "AND (channels.latest_version IS NULL OR channels.latest_version < v.column2)",
-        3,
+        "AND (channels.latest_version IS NULL OR (channels.latest_version < v.column2 "
+        "AND (v.column4 IS NULL OR channels.latest_version < v.column4)))",
+        4,
         rows,
     )
+    return _checked(statements, _explain_latest)
+
+
+#: ``explain(latest_version, row)``: why the channel of ``row`` refused the update (its
+#: latest co-signed version is given), or None if it did not.
+Explain: TypeAlias = Callable[[int | None, tuple[Any, ...]], str | None]
+
+
+def _checked(statements: Statements, explain: Explain) -> Step:
+    """Run ``statements``, each of which must change every row it covers; else refuse the
+    batch with ``explain``'s reason for the first channel that refused."""
 
     def step(db: sqlite3.Connection) -> None:
         for sql, args, chunk in statements:
-            if len(chunk) == 1:
-                if db.execute(sql, args).rowcount != 1:
-                    _refuse_rollback(chunk[0])
-                continue
-            # Many channels in one statement: on a refusal, go back to before it to find
-            # (and name) a channel whose latest is already at or above its new version.
-            db.execute("SAVEPOINT set_latest")
+            many = len(chunk) > 1
+            if many:  # to find the channel that refused, go back to before the statement
+                db.execute("SAVEPOINT checked")
             if db.execute(sql, args).rowcount != len(chunk):
-                db.execute("ROLLBACK TO set_latest")
+                if many:
+                    db.execute("ROLLBACK TO checked")
                 for row in chunk:
                     found = db.execute(
                         "SELECT latest_version FROM channels WHERE channel_id = ?", (row[0],)
                     ).fetchone()
-                    if found is None:
-                        raise StoreError(f"channel {row[0].hex()[:16]}: not in this store")
-                    if found[0] is not None and found[0] >= row[1]:
-                        _refuse_rollback(row)
-                _refuse_rollback(chunk[0])  # pragma: no cover - a channel named twice
-            db.execute("RELEASE set_latest")
+                    why = "not in this store" if found is None else explain(found[0], row)
+                    if why is not None:
+                        raise StoreError(f"channel {row[0].hex()[:16]}: {why}")
+                raise StoreError(  # pragma: no cover - a channel named twice
+                    f"channel {chunk[0][0].hex()[:16]}: update refused"
+                )
+            if many:
+                db.execute("RELEASE checked")
 
     return step
 
 
-def _refuse_rollback(row: tuple[Any, ...]) -> NoReturn:
-    cid, v = row[0], row[1]
-    raise StoreError(f"channel {cid.hex()[:16]}: refusing to roll latest back to v{v}")
+def _below_latest(latest: int | None, proposal: int | None) -> str | None:
+    if proposal is not None and latest is not None and proposal <= latest:
+        return f"a proposal at v{proposal} is not above the latest co-signed v{latest} (rule S)"
+    return None
+
+
+def _explain_latest(latest: int | None, row: tuple[Any, ...]) -> str | None:
+    if latest is not None and latest >= row[1]:
+        return f"refusing to roll latest back to v{row[1]}"
+    return _below_latest(latest, row[3])
+
+
+def _explain_signed(latest: int | None, row: tuple[Any, ...]) -> str | None:
+    return _below_latest(latest, row[2])
 
 
 def _drop_proposals(op: PersistDropProposals, batch: _Batch) -> Step:

@@ -14,7 +14,7 @@ from channel import codec
 from channel.client import Client, Update, open_client
 from channel.codec import Propose
 from channel.eip712 import state_digest
-from channel.errors import PeerTimeout, UpdateRejected
+from channel.errors import LocalProtocolError, PeerTimeout, UpdateRejected
 from channel.keys import HALF_N, SECP256K1_N, Signer, recover
 from channel.state import ETH, Params, State
 from channel.store import Store
@@ -31,14 +31,18 @@ async def pair(tmp_path: Path, **bob_kwargs: object) -> AsyncIterator[tuple[Clie
         open_client(alice_key, tmp_path / "alice.sqlite", update_timeout=3) as alice,
         open_client(bob_key, tmp_path / "bob.sqlite", **bob_kwargs) as bob,  # type: ignore[arg-type]
     ):
-        cid = await alice.open_channel(
-            bob.peer_address(),
-            chain_id=31337,
-            adjudicator=ADJ,
-            challenge_duration=60,
-            balances=[(ETH, TOTAL, TOTAL)],
-        )
-        yield alice, bob, cid
+        yield alice, bob, await _open(alice, bob, TOTAL, chain_id=31337)
+
+
+async def _open(alice: Client, bob: Client, each: int, *, chain_id: int = 1) -> bytes:
+    """Alice opens an ETH channel to bob, ``each`` on either side."""
+    return await alice.open_channel(
+        bob.peer_address(),
+        chain_id=chain_id,
+        adjudicator=ADJ,
+        challenge_duration=60,
+        balances=[(ETH, each, each)],
+    )
 
 
 def _same_latest(a: Client, b: Client, cid: bytes) -> bool:
@@ -241,13 +245,7 @@ async def test_restart_from_store_resumes_the_channel(tmp_path: Path) -> None:
     alice_key, bob_key = Signer.generate(), Signer.generate()
     async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
         async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
-            cid = await alice.open_channel(
-                bob.peer_address(),
-                chain_id=1,
-                adjudicator=ADJ,
-                challenge_duration=60,
-                balances=[(ETH, 100, 100)],
-            )
+            cid = await _open(alice, bob, 100)
             for _ in range(5):
                 await alice.pay(cid, ETH, 1)
         async with open_client(alice_key, tmp_path / "alice.sqlite") as alice2:
@@ -444,3 +442,43 @@ async def test_one_countersignature_covers_the_proposals_of_one_read(tmp_path: P
         assert rows < 100  # v0, and one row per countersigned read, not 200
         in_flight = alice.store.load()[0].in_flight
         assert in_flight == ()
+
+
+async def test_prune_history_during_traffic_keeps_the_channel_claimable(tmp_path: Path) -> None:
+    """Pruning while pays stream on: every pay lands, the history below the latest goes,
+    the latest co-signed state and max_signed stay, and a restart from the pruned store
+    resumes the channel."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+        async with open_client(alice_key, tmp_path / "alice.sqlite", update_timeout=5) as alice:
+            cid = await _open(alice, bob, TOTAL)
+            for _ in range(1500):  # more than one prune chunk
+                await alice.pay(cid, ETH, 1)
+            pruned = 0
+
+            async def prune() -> None:
+                nonlocal pruned
+                pruned = await alice.prune_history()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(prune)
+                for _ in range(100):
+                    n.start_soon(alice.pay, cid, ETH, 2)
+            assert pruned >= 1500
+            pruned_bob = await bob.prune_history(cid)
+            assert pruned_bob >= 1500
+            latest = alice.latest(cid)
+            assert latest is not None and latest.state.version == 1600
+            trail = alice.store.signed_states(cid)
+            assert trail[0][0] >= 1500 and trail[-1][2] == latest
+            with pytest.raises(LocalProtocolError):
+                await alice.prune_history(b"\x00" * 32)
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice2:
+            assert alice2.latest(cid) == latest
+            await _wait_connected(alice2, bob)
+            await alice2.pay(cid, ETH, 1)
+            await _wait_same(alice2, bob, cid)
+            assert bob.latest(cid).state.allocations[0].balances == (  # type: ignore[union-attr]
+                TOTAL - 1701,
+                TOTAL + 1701,
+            )

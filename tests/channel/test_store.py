@@ -22,7 +22,15 @@ from channel.machine import (
     PersistProposal,
 )
 from channel.state import ETH, Allocation, Params, SignedState, State
-from channel.store import BURNED, COSIGNED, IN_FLIGHT, SCHEMA_VERSION, PersistChannel, Store
+from channel.store import (
+    BURNED,
+    COSIGNED,
+    IN_FLIGHT,
+    SCHEMA_VERSION,
+    PersistChannel,
+    Store,
+    StoreOp,
+)
 
 ALICE = Signer.from_bytes(b"\x01" * 32)
 BOB = Signer.from_bytes(b"\x02" * 32)
@@ -546,4 +554,67 @@ def test_proposals_and_completions_over_several_channels(path: Path, channels: i
     before = [contents(store, f.params) for f in fs]
     with pytest.raises(StoreError, match="not all our in-flight proposals"):
         store.apply([_own(f.params, s) for f, s in zip(fs, ones, strict=True)])
+    assert [contents(store, f.params) for f in fs] == before
+
+
+def _history(store: Store, params: Params, upto: int) -> list[State]:
+    """v1..v``upto`` proposed and countersigned one by one (v0 is there already)."""
+    (rec,) = [r for r in store.load() if r.params == params]
+    assert rec.latest is not None
+    states = [rec.latest.state]
+    for v in range(1, upto + 1):
+        states.append(pay(states[-1], v, 0))
+        store.apply([proposal(params, v - 1, states[v])])
+        store.apply([_own(params, states[v])])
+    return states
+
+
+def test_prune_history_keeps_what_a_dispute_needs(path: Path) -> None:
+    """Pruning deletes, oldest first and at most ``limit`` a call, the states below the
+    latest co-signed one, and nothing else: the latest, our proposals in flight above it,
+    and max_signed stay, and the channel reloads as before."""
+    store = Store(path, owner=ALICE.address)
+    f = opened(store)
+    states = _history(store, f.params, 10)
+    states.append(pay(states[10], 11, 0))
+    states.append(pay(states[11], 12, 0))
+    store.apply([proposal(f.params, 10, states[11]), proposal(f.params, 11, states[12])])
+    (before,) = store.load()
+    assert store.prune_history(f.params.channel_id, limit=3) == 3
+    assert [v for v, _, _ in store.signed_states(f.params.channel_id)][:2] == [3, 4]
+    assert store.prune_history(f.params.channel_id, limit=100) == 7
+    assert store.prune_history(f.params.channel_id, limit=100) == 0
+    trail = store.signed_states(f.params.channel_id)
+    assert [(v, s) for v, s, _ in trail] == [(10, COSIGNED), (11, IN_FLIGHT), (12, IN_FLIGHT)]
+    assert store.load() == [before]  # latest, in flight, max_signed: all as they were
+
+
+@pytest.mark.parametrize("channels", [1, 7])
+@pytest.mark.parametrize("with_latest", [False, True])
+def test_a_proposal_not_above_the_latest_is_refused_after_pruning(
+    path: Path, channels: int, with_latest: bool
+) -> None:
+    """Once the rows below the latest are gone, no primary key catches a second state at
+    a pruned version: the store refuses a proposal that is not above the latest co-signed
+    version itself (alone, or beside a latest that moves in the same batch; with a few
+    channels or many), names the channel, and changes nothing."""
+    store = Store(path, owner=ALICE.address)
+    fs = [opened(store, salt=bytes([i + 1]) * 32) for i in range(channels)]
+    tips = [_history(store, f.params, 3)[-1] for f in fs]
+    for f in fs:
+        assert store.prune_history(f.params.channel_id, limit=100) == 3
+    before = [contents(store, f.params) for f in fs]
+    bad = channels // 2
+    batch: list[StoreOp] = []
+    for i, (f, tip) in enumerate(zip(fs, tips, strict=True)):
+        if with_latest:  # the peer's v4 countersigned, and our v5 on top of it
+            v4 = pay(tip, 4, 0)
+            batch.append(PersistLatest(params=f.params, signed=cosign(f.params, v4), row=ROW_NEW))
+            tip = v4
+        again = pay(f.v0, 2, 7)  # a second state at pruned v2
+        batch.append(
+            proposal(f.params, 1, again) if i == bad else proposal(f.params, 4, pay(tip, 5))
+        )
+    with pytest.raises(StoreError, match=f"{fs[bad].params.channel_id.hex()[:16]}.*rule S"):
+        store.apply(batch)
     assert [contents(store, f.params) for f in fs] == before
