@@ -52,7 +52,25 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(terse=True),
         # Other work on the machine skews every figure: recorded so runs can be compared.
         "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+        # These machines are shared VMs whose speed drifts by half or more over an hour:
+        # a sign here took 27 us when DESIGN §8 was measured; scale by this to compare.
+        "sign_us_at_end": sign_us(),
     }
+
+
+def sign_us(rounds: int = 5, signs: int = 200) -> float:
+    """The median time of one secp256k1 sign (``channel.keys``) over ``rounds`` rounds,
+    in microseconds: how fast this machine is right now."""
+    from channel.keys import Signer
+
+    signer, digest = Signer.generate(), bytes(range(32))
+    per_round = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(signs):
+            signer.sign(digest)
+        per_round.append((time.perf_counter() - t) / signs * 1e6)
+    return round(percentile(per_round, 50), 1)
 
 
 def cpu_seconds() -> float:
