@@ -178,8 +178,7 @@ async def test_paced_tasks_woken_by_one_take_add_about_one_backlog(tmp_path: Pat
                 nursery.start_soon(caller)
             await trio.testing.wait_all_tasks_blocked()
             assert passed == 0
-            outbox.ops.clear()  # the flusher takes the queue ...
-            outbox.taken.set()
+            outbox._take()  # the flusher takes the queue ...
             await trio.testing.wait_all_tasks_blocked()
             assert passed == 2  # ... two callers refill it, four wait for the next take
             assert len(outbox.ops) == PACE_BACKLOG
@@ -301,14 +300,20 @@ async def test_flush_now_commits_a_lone_update_on_the_calling_task(flushing: Flu
 async def test_flush_now_leaves_batches_and_busy_loops_to_the_flusher(
     flushing: Flushing,
 ) -> None:
-    """More than INLINE_COMMIT_OPS operations, another task ready to run, or a batch the
-    flusher holds: flush_now does nothing (the flusher commits it, in order)."""
+    """More than INLINE_COMMIT_OPS operations, a lone update right after a batch (the
+    loop may have sockets to read), or another task ready to run: flush_now does nothing
+    and the flusher commits it, in order.  Once the traffic is lone updates again, it
+    commits them itself."""
     for v in (1, 2, 3):
         flushing.propose(v)
     flushing.outbox.flush_now()
     assert _in_flight(flushing.store) == []  # three operations: a batch for the flusher
     await flushing.outbox.drain()
     assert _in_flight(flushing.store) == [1, 2, 3]
+    flushing.propose(4)
+    flushing.outbox.flush_now()
+    assert _in_flight(flushing.store) == [1, 2, 3]  # the last commit was a batch
+    await flushing.outbox.drain()
 
     async def busy() -> None:
         await trio.lowlevel.checkpoint()
@@ -316,11 +321,13 @@ async def test_flush_now_leaves_batches_and_busy_loops_to_the_flusher(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(busy)
         nursery.start_soon(busy)
-        flushing.propose(4)
+        flushing.propose(5)
         flushing.outbox.flush_now()  # two tasks ready to run (and the flusher)
-        assert _in_flight(flushing.store) == [1, 2, 3]
+        assert _in_flight(flushing.store) == [1, 2, 3, 4]
     await flushing.outbox.drain()
-    assert _in_flight(flushing.store) == [1, 2, 3, 4]
+    flushing.propose(6)
+    flushing.outbox.flush_now()  # lock-step again, and nothing else to run
+    assert _in_flight(flushing.store) == [1, 2, 3, 4, 5, 6]
 
 
 async def test_flush_now_leaves_a_failing_update_queued_for_the_flusher(tmp_path: Path) -> None:
@@ -343,3 +350,21 @@ async def test_flush_now_leaves_a_failing_update_queued_for_the_flusher(tmp_path
                 await trio.sleep_forever()  # the flusher raises
     finally:
         store.close()
+
+
+async def test_drain_waits_for_a_batch_the_flusher_is_still_committing(
+    flushing: Flushing, tmp_path: Path
+) -> None:
+    """Once the flusher has taken a batch nothing is queued, but the batch is not durable
+    until its commit returns: drain() waits for that too (a fresh connection, which sees
+    only what was committed, finds every row)."""
+    for v in (1, 2, 3):
+        flushing.propose(v)
+    await trio.testing.wait_all_tasks_blocked()  # taken: the committer thread has it
+    assert not flushing.outbox.ops and flushing.outbox.busy()
+    await flushing.outbox.drain()
+    fresh = Store(flushing.store.path, owner=ALICE.address)
+    try:
+        assert _in_flight(fresh) == [1, 2, 3]
+    finally:
+        fresh.close()
