@@ -442,8 +442,8 @@ def _opener_argv(store_path: Path, surv: Client) -> list[str]:
 
 @pytest.mark.parametrize(
     ("victim_role", "kills", "victim_loops", "survivor_loops"),
-    [("opener", 22, 6, 3), ("responder", 10, 6, 3), ("opener", 20, 1, 0)],
-    ids=["opener-pipelined", "responder-pipelined", "opener-lockstep"],
+    [("opener", 22, 6, 3), ("responder", 10, 6, 3), ("opener", 20, 1, 0), ("responder", 10, 0, 1)],
+    ids=["opener-pipelined", "responder-pipelined", "opener-lockstep", "responder-lockstep"],
 )
 async def test_sigkill_victim_keeps_every_signed_state(
     tmp_path: Path, victim_role: str, kills: int, victim_loops: int, survivor_loops: int
@@ -452,9 +452,10 @@ async def test_sigkill_victim_keeps_every_signed_state(
     the channel, while resyncing after a restart, mid-stream) restarts from its store
     holding every state whose signature it had sent, never signs a version twice with
     different content, and resyncs with its peer to the same latest co-signed version;
-    the final balances conserve the totals.  The lock-step case (one pay at a time, the
-    survivor only answering) runs the client's lock-step shortcut: each commit made by
-    the task that emitted it, each frame written straight to the socket."""
+    the final balances conserve the totals.  The lock-step cases (one party paying one
+    at a time, the other only answering) run the client's lock-step shortcut on the
+    victim's side, as proposer and as responder: each commit made by the task that
+    emitted it, each frame written straight to the socket."""
     seed = int(os.environ.get("CRASH_SEED", str(random.randrange(2**32))))
     rng = random.Random(seed)
     print(f"CRASH_SEED={seed}")
