@@ -539,3 +539,26 @@ async def test_send_now_on_a_closed_connection_raises() -> None:
             with pytest.raises(TransportError, match="closed"):
                 conn.send_now([b"late"])
             nursery.cancel_scope.cancel()
+
+
+async def test_send_now_and_send_many_interleave_across_key_rotations() -> None:
+    """3000 messages, sent now by send_now and now by send_many (six key rotations on
+    the way), come back from an echo server intact and in order."""
+    messages = [i.to_bytes(4, "big") + os.urandom(i % 200) for i in range(3000)]
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo)
+            conn = await connect(Signer.generate(), address)
+
+            async def sender() -> None:
+                for i in range(0, len(messages), 3):
+                    batch = messages[i : i + 3]
+                    if i % 2 or not conn.send_now(batch):
+                        await conn.send_many(batch)
+                    await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(sender)
+            for expected in messages:
+                assert await conn.receive() == expected
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
