@@ -17,7 +17,7 @@ Tables
               IN_FLIGHT (our half-signed proposal), COSIGNED, or BURNED (rejected
               or dropped — its version is never reused).  The latest co-signed row
               is the one a dispute needs; the rest is the audit trail, which grows
-              by ~0.5 kB an update until :meth:`Store.prune_history` deletes it.
+              by ~0.36 kB an update until :meth:`Store.prune_history` deletes it.
 
 Migrations run forward in place (``_MIGRATIONS``); a file from a newer release
 is refused with ``StoreError`` rather than guessed at.

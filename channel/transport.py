@@ -162,15 +162,7 @@ class Connection(trio.abc.AsyncResource):
         sent and the connection stays usable) and ``TransportError`` if the
         connection is closed or the socket fails.
         """
-        await self._lock_sending()
-        try:
-            self._check_sendable()
-            data = self._session.encrypt(msg)
-            if self._unsent:
-                data, self._unsent = self._unsent + data, b""
-            await self._write(data)
-        finally:
-            self._send_lock.release()
+        await self.send_many([msg])
 
     def send_now(self, msgs: Sequence[bytes]) -> bool:
         """Encrypt ``msgs`` and write them to the socket at once, without waiting: for a
