@@ -109,6 +109,11 @@ def _note(op: PersistProposal | PersistLatest, batch: _Batch) -> None:
     cid = op.params.channel_id
     if isinstance(op, PersistProposal):
         v = op.state.version
+        # Rule S against a latest set earlier in this batch (``_finish`` checks the one
+        # already stored).
+        why = _below_latest(batch.latest.get(cid), v)
+        if why is not None:
+            raise StoreError(f"channel {cid.hex()[:16]}: {why}")
         batch.max_signed[cid] = max(v, batch.max_signed.get(cid, 0))
         batch.first_proposal[cid] = min(v, batch.first_proposal.get(cid, v))
         return
@@ -341,7 +346,8 @@ def _finish(batch: _Batch) -> list[Step]:
 
     Each also checks rule S for the batch's proposals at the store: a proposal must be
     above the channel's latest co-signed version (versions at or below it may have no row
-    left to collide with once the history is pruned)."""
+    left to collide with once the history is pruned); ``_note`` checks it against a
+    latest set earlier in the same batch."""
     steps = []
     latest = [
         (cid, v, batch.max_signed[cid], batch.first_proposal.get(cid))

@@ -618,3 +618,30 @@ def test_a_proposal_not_above_the_latest_is_refused_after_pruning(
     with pytest.raises(StoreError, match=f"{fs[bad].params.channel_id.hex()[:16]}.*rule S"):
         store.apply(batch)
     assert [contents(store, f.params) for f in fs] == before
+
+
+def test_a_proposal_below_a_latest_set_earlier_in_the_same_batch_is_refused(path: Path) -> None:
+    """Rule S holds within one batch too: a proposal at or below a co-signed latest that
+    the same batch sets is refused before anything is written."""
+    store = Store(path, owner=ALICE.address)
+    f = opened(store)
+    before = contents(store, f.params)
+    v10 = pay(f.v0, 10)
+    for below in (10, 8):
+        batch: list[StoreOp] = [
+            PersistLatest(params=f.params, signed=cosign(f.params, v10), row=ROW_NEW),
+            proposal(f.params, 9, pay(f.v0, below, 3)),
+        ]
+        with pytest.raises(StoreError, match=f"proposal at v{below} is not above .*v10.*rule S"):
+            store.apply(batch)
+        assert contents(store, f.params) == before
+    # In the other order (the proposal first, then a latest above it) it is the machine's
+    # normal batch, and it commits.
+    store.apply(
+        [
+            proposal(f.params, 0, pay(f.v0, 1)),
+            PersistLatest(params=f.params, signed=cosign(f.params, v10), row=ROW_NEW),
+        ]
+    )
+    (rec,) = store.load()
+    assert rec.latest is not None and rec.latest.state.version == 10
