@@ -7,6 +7,7 @@ benchmark's own child processes only; nothing in ``channel/`` is changed.
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import os
 import pstats
@@ -238,15 +239,15 @@ def install_ablations() -> None:
         log(f"  EXPERIMENT: ablated {asked} (not a result)")
 
 
-def sqlite_commit_ms(directory: str, commits: int = 600) -> dict[str, float]:
-    """The latency of a bare durable SQLite commit on this disk, now: a WAL database with
-    ``synchronous=FULL`` in ``directory``; each commit inserts one ~450-byte row and
-    updates one (what a lock-step update's commits write), with a checkpoint every 200
-    commits so the WAL is written over as the store's is.  p50 and p99 in ms.  No
+def sqlite_commit_times(directory: str, commits: int = 600) -> list[float]:
+    """The latencies (ms) of bare durable SQLite commits on this disk, now: a WAL
+    database with ``synchronous=FULL`` in ``directory``; each commit inserts one
+    ~450-byte row and updates one (what a lock-step update's commits write), with a
+    checkpoint every 200 commits so the WAL is written over as the store's is.  No
     client code: the floor the store's commits stand on."""
     import sqlite3
 
-    path = os.path.join(directory, "commit-probe.sqlite")
+    path = os.path.join(directory, f"commit-probe-{time.monotonic_ns()}.sqlite")
     db = sqlite3.connect(path, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=WAL")
@@ -271,4 +272,7 @@ def sqlite_commit_ms(directory: str, commits: int = 600) -> dict[str, float]:
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)")
     finally:
         db.close()
-    return {"p50": round(percentile(times, 50), 3), "p99": round(percentile(times, 99), 3)}
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + suffix)
+    return times

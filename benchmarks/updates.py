@@ -1,13 +1,17 @@
 """Durable, encrypted co-signed updates between two OS processes; JSON on the last line.
 
-    .venv/bin/python benchmarks/updates.py [--quick] [--profile DIR]
+    .venv/bin/python benchmarks/updates.py [--quick] [--rounds R] [--profile DIR]
 
 Parties: two spawned child processes, each running the real ``open_client`` (Trio,
 BOLT 8 over loopback TCP, SQLite WAL ``synchronous=FULL`` store in a temp dir).
 "alice" opens a channel to "bob" and is the only proposer:
 
 * pipelined: N ``pay()`` calls from 4 x window caller tasks on one channel (window 256);
-* lock-step: M ``pay()`` calls awaited one at a time, each latency recorded.
+* lock-step: M ``pay()`` calls awaited one at a time, each latency recorded;
+
+both split into rounds, each round with its own baselines (below) run just before or
+just after the channel's phases: the ratios are medians of the rounds' ratios, so a
+machine whose speed drifts during the run weighs on both sides of each.
 
 ``lockstep_floor_ms`` is what no durable lock-step update can beat on this machine,
 measured in the same run: the bare baseline's lock-step p50 plus three bare SQLite
@@ -56,7 +60,7 @@ from _common import (
     machine_info,
     percentile,
     run_trio,
-    sqlite_commit_ms,
+    sqlite_commit_times,
     wait_result,
 )
 
@@ -64,6 +68,10 @@ ETH = BALANCES[0][0]
 WINDOW = 256  # channel.limits.PIPELINE_WINDOW; --window overrides it for experiments
 #: Cap on the all-at-once phase (each pay its own task).
 ALL_AT_ONCE_MAX = 5000
+#: The phases are split into this many rounds, baseline and channel in turn.
+ROUNDS = 3
+#: Bare SQLite commits timed in each round (the floor's commit latency).
+COMMIT_PROBES = 300
 WARMUP = 300
 
 
@@ -109,14 +117,14 @@ def alice_main(
     secret: bytes,
     store_dir: str,
     bob_addr: str,
-    n_pipe: int,
-    n_lock: int,
     parent: Any,
     ctl: Any,
     profile: str | None,
     window: int,
 ) -> None:
-    """The proposer: open the channel, run both phases, send results to the parent."""
+    """The proposer: open the channel, then run the phases the parent asks for, one at a
+    time (``(phase, n)`` on ``parent``, each answered with its measurements), until
+    ``("stop", 0)``, answered with the final co-signed version."""
     import trio
 
     from channel.client import open_client
@@ -133,8 +141,7 @@ def alice_main(
         ctl.send("snap")
         return counter.snapshot(), ctl.recv()
 
-    async def main() -> dict[str, Any]:
-        out: dict[str, Any] = {}
+    async def main() -> None:
         async with open_client(
             Signer.from_bytes(secret), Path(store_dir) / "alice.sqlite", window=window
         ) as alice:
@@ -152,134 +159,150 @@ def alice_main(
             for _ in range(WARMUP // 3):
                 await alice.pay(cid, ETH, 1)
 
-            # (a) pipelined: N pays from 4 x window concurrent tasks, each awaiting its pays in
-            # turn, so the window is always full and a line of updates waits behind it.
-            ctl.send("prof_on")
-            ctl.recv()
-            prof.on()
-            a0, b0 = snap_both()
-            callers = 4 * window
-            per_caller = -(-n_pipe // callers)
-            t0 = time.perf_counter()
+            async def pipelined(n: int) -> dict[str, Any]:
+                # N pays from 4 x window concurrent tasks, each awaiting its pays in turn,
+                # so the window is always full and a line of updates waits behind it.
+                callers = 4 * window
+                per_caller = -(-n // callers)
+                timeouts = 0
 
-            timeouts = 0
+                async def caller(k: int) -> None:
+                    nonlocal timeouts
+                    for _ in range(k):
+                        try:
+                            await alice.pay(cid, ETH, 1)
+                        except PeerTimeout:
+                            timeouts += 1  # waited > update_timeout for window space
 
-            async def caller(n: int) -> None:
-                nonlocal timeouts
-                for _ in range(n):
-                    try:
-                        await alice.pay(cid, ETH, 1)
-                    except PeerTimeout:
-                        timeouts += 1  # waited > update_timeout for window space
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(callers):
-                    nursery.start_soon(caller, per_caller)
-            elapsed = time.perf_counter() - t0
-            a1, b1 = snap_both()
-            prof.off()
-            out["pipelined"] = {
-                "updates": per_caller * callers - timeouts,
-                "timeouts": timeouts,
-                "seconds": elapsed,
-                "alice": delta(a1, a0),
-                "bob": delta(b1, b0),
-            }
-            log(
-                f"  pipelined: {per_caller * callers} pays from {callers} callers in "
-                f"{elapsed:.2f}s = {per_caller * callers / elapsed:,.0f}/s"
-            )
-
-            # (b) lock-step
-            prof.on()
-            lat: list[float] = []
-            t0 = time.perf_counter()
-            for _ in range(n_lock):
-                s = time.perf_counter()
-                await alice.pay(cid, ETH, 1)
-                lat.append(time.perf_counter() - s)
-            elapsed = time.perf_counter() - t0
-            a2, b2 = snap_both()
-            prof.off()
-            ctl.send("prof_off")
-            ctl.recv()
-            out["lockstep"] = {
-                "updates": n_lock,
-                "seconds": elapsed,
-                "latencies": lat,
-                "alice": delta(a2, a1),
-                "bob": delta(b2, b1),
-            }
-            log(f"  lock-step: {n_lock} pays in {elapsed:.2f}s = {n_lock / elapsed:,.0f}/s")
-            # (c) every pay its own task, all started at once (the literal "N concurrent
-            # pays").  Time spent waiting for window space counts against the client's
-            # update_timeout, so a large N can end in PeerTimeout: that is reported.
-            n_all = min(n_pipe, ALL_AT_ONCE_MAX)
-            t0 = time.perf_counter()
-            error = None
-            try:
+                a0, b0 = snap_both()
+                t0 = time.perf_counter()
                 async with trio.open_nursery() as nursery:
-                    for _ in range(n_all):
-                        nursery.start_soon(alice.pay, cid, ETH, 1)
-            except BaseException as exc:
-                leaf = exc
-                while isinstance(leaf, BaseExceptionGroup):
-                    leaf = leaf.exceptions[0]
-                error = f"{type(leaf).__name__}: {leaf}"
-            elapsed = time.perf_counter() - t0
-            out["all_at_once"] = {"updates": n_all, "seconds": elapsed, "error": error}
-            rate = n_all / elapsed
-            log(f"  all at once: {n_all} pays in {elapsed:.2f}s = {rate:,.0f}/s {error or ''}")
+                    for _ in range(callers):
+                        nursery.start_soon(caller, per_caller)
+                elapsed = time.perf_counter() - t0
+                a1, b1 = snap_both()
+                return {
+                    "updates": per_caller * callers - timeouts,
+                    "timeouts": timeouts,
+                    "seconds": elapsed,
+                    "alice": delta(a1, a0),
+                    "bob": delta(b1, b0),
+                }
+
+            async def lockstep(n: int) -> dict[str, Any]:
+                lat: list[float] = []
+                a0, b0 = snap_both()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    s = time.perf_counter()
+                    await alice.pay(cid, ETH, 1)
+                    lat.append(time.perf_counter() - s)
+                elapsed = time.perf_counter() - t0
+                a1, b1 = snap_both()
+                return {
+                    "updates": n,
+                    "seconds": elapsed,
+                    "latencies": lat,
+                    "alice": delta(a1, a0),
+                    "bob": delta(b1, b0),
+                }
+
+            async def all_at_once(n: int) -> dict[str, Any]:
+                # Every pay its own task, all started at once (the literal "N concurrent
+                # pays").  Time spent waiting for window space counts against the client's
+                # update_timeout, so a large N can end in PeerTimeout: that is reported.
+                t0 = time.perf_counter()
+                error = None
+                try:
+                    async with trio.open_nursery() as nursery:
+                        for _ in range(n):
+                            nursery.start_soon(alice.pay, cid, ETH, 1)
+                except BaseException as exc:
+                    leaf = exc
+                    while isinstance(leaf, BaseExceptionGroup):
+                        leaf = leaf.exceptions[0]
+                    error = f"{type(leaf).__name__}: {leaf}"
+                return {"updates": n, "seconds": time.perf_counter() - t0, "error": error}
+
+            phases = {"pipelined": pipelined, "lockstep": lockstep, "all_at_once": all_at_once}
+            parent.send("ready")
+            while True:
+                phase, n = await trio.to_thread.run_sync(parent.recv)
+                if phase == "stop":
+                    break
+                ctl.send("prof_on")
+                ctl.recv()
+                prof.on()
+                result = await phases[phase](n)
+                prof.off()
+                ctl.send("prof_off")
+                ctl.recv()
+                parent.send(result)
             await alice.drain()
             latest = alice.latest(cid)
             assert latest is not None and latest.fully_signed
-            out["final_version"] = latest.state.version
-        return out
+            parent.send({"final_version": latest.state.version})
 
-    result = run_trio(main)
+    run_trio(main)
     ctl.send("stop")
     ctl.recv()
     prof.dump()
-    parent.send(result)
 
 
-def run_channel(
-    n_pipe: int, n_lock: int, profile_dir: str | None, window: int = WINDOW
-) -> dict[str, Any]:
-    from channel.keys import Signer
+class ChannelPair:
+    """The two children of the channel benchmark, alive across rounds: ``phase`` runs one
+    measured phase in them and returns what alice measured."""
 
-    ctx = mp.get_context("spawn")
-    alice_key, bob_key = Signer.generate(), Signer.generate()
-    with tempfile.TemporaryDirectory(prefix="optichannel-bench-") as tmp:
+    def __init__(self, tmp: str, profile_dir: str | None, window: int) -> None:
+        from channel.keys import Signer
+
+        ctx = mp.get_context("spawn")
+        alice_key, bob_key = Signer.generate(), Signer.generate()
         bob_parent, bob_child = ctx.Pipe()
-        alice_parent, alice_child = ctx.Pipe()
+        self.conn, alice_child = ctx.Pipe()
         ctl_alice, ctl_bob = ctx.Pipe()
         prof = (lambda who: str(Path(profile_dir) / f"{who}.prof")) if profile_dir else None
-        bob = ctx.Process(
+        self.bob = ctx.Process(
             target=bob_main,
             args=(bob_key.secret_bytes(), tmp, bob_child, ctl_bob, prof and prof("bob"), window),
         )
-        bob.start()
+        self.bob.start()
         if not bob_parent.poll(30):
+            self.bob.terminate()
             raise RuntimeError("bob did not start")
         bob_addr = bob_parent.recv()
-        alice = ctx.Process(
+        self.alice = ctx.Process(
             target=alice_main,
             args=(
                 alice_key.secret_bytes(),
                 tmp,
                 bob_addr,
-                n_pipe,
-                n_lock,
                 alice_child,
                 ctl_alice,
                 prof and prof("alice"),
                 window,
             ),
         )
-        alice.start()
-        result: dict[str, Any] = finish_pair(alice_parent, alice, bob, 600, "alice")
-    return result
+        self.alice.start()
+        self._answer("start")
+
+    def _answer(self, what: str) -> Any:
+        try:
+            return wait_result(self.conn, self.alice, 600, f"alice ({what})")
+        except BaseException:
+            self.bob.terminate()
+            raise
+
+    def phase(self, name: str, n: int) -> dict[str, Any]:
+        self.conn.send((name, n))
+        result: dict[str, Any] = self._answer(name)
+        return result
+
+    def stop(self) -> int:
+        """Stop both children (they must exit cleanly); the final co-signed version."""
+        self.conn.send(("stop", 0))
+        final: dict[str, Any] = finish_pair(self.conn, self.alice, self.bob, 120, "alice")
+        return int(final["final_version"])
 
 
 # --------------------------------------------------------------------------------------
@@ -555,8 +578,16 @@ def run_bare(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller run (< 60 s)")
-    ap.add_argument("--pipelined", type=int, help="pipelined pays (default 20000, quick 5000)")
-    ap.add_argument("--lockstep", type=int, help="lock-step pays (default 2000, quick 1000)")
+    ap.add_argument(
+        "--pipelined", type=int, help="pipelined pays in all (default 21000, quick 6000)"
+    )
+    ap.add_argument("--lockstep", type=int, help="lock-step pays in all (default 2100, quick 900)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS,
+        help=f"rounds the phases are split into, baseline and channel in turn (default {ROUNDS})",
+    )
     ap.add_argument("--profile", metavar="DIR", help="write cProfile stats of both parties")
     ap.add_argument(
         "--window",
@@ -573,70 +604,154 @@ def main() -> None:
         "--no-bare", action="store_true", help="skip the bare baseline (for profiling runs)"
     )
     args = ap.parse_args()
-    n_pipe = args.pipelined or (5000 if args.quick else 20000)
-    n_lock = args.lockstep or (1000 if args.quick else 2000)
+    rounds = max(1, args.rounds)
+    n_pipe = -(-(args.pipelined or (6000 if args.quick else 21000)) // rounds)
+    n_lock = -(-(args.lockstep or (900 if args.quick else 2100)) // rounds)
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
+    bare_window = args.bare_window or args.window
+    bare_n, bare_lock = (64, 64) if args.no_bare else (n_pipe, n_lock)
 
     t_start = time.perf_counter()
-    log("bare baseline: co-signed updates over plain TCP (no store, no encryption)")
-    bare_window = args.bare_window or args.window
-    bare = run_bare(*((64, 64) if args.no_bare else (n_pipe, n_lock)), window=bare_window)
-    bare_n = 64 if args.no_bare else n_pipe
-    bare_rate = bare_n / bare["pipelined_s"]
-    log(f"  bare pipelined {bare_rate:,.0f}/s")
-    log("bare baseline with the client's countersign rule (newest proposal of each read)")
-    bare_cum = run_bare(bare_n, 64, window=bare_window, cumulative=True)
-    bare_cum_rate = bare_n / bare_cum["pipelined_s"]
-    log(f"  bare pipelined, cumulative countersign {bare_cum_rate:,.0f}/s")
+    per_round: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="optichannel-bench-") as tmp:
+        log(f"channel: two children, {rounds} rounds of {n_pipe} pipelined + {n_lock} lock-step")
+        pair = ChannelPair(tmp, args.profile, args.window)
 
-    with tempfile.TemporaryDirectory() as d:
-        commit_ms = sqlite_commit_ms(d)
-    log(f"bare SQLite commit (WAL, synchronous=FULL): p50 {commit_ms['p50']} ms")
-    log(f"channel: {n_pipe} pipelined + {n_lock} lock-step durable encrypted updates")
-    ch = run_channel(n_pipe, n_lock, args.profile, args.window)
-    pipe, lock = ch["pipelined"], ch["lockstep"]
+        def baseline(r: int) -> dict[str, Any]:
+            bare = run_bare(bare_n, bare_lock, window=bare_window)
+            cum = run_bare(bare_n, 64, window=bare_window, cumulative=True)
+            commits = sqlite_commit_times(tmp, COMMIT_PROBES)
+            log(
+                f"  round {r + 1}: bare {bare_n / bare['pipelined_s']:,.0f}/s, "
+                f"cumulative {bare_n / cum['pipelined_s']:,.0f}/s, "
+                f"SQLite commit p50 {percentile(commits, 50):.3f} ms"
+            )
+            return {"bare": bare, "cum": cum, "commits": commits}
+
+        def channel(r: int) -> dict[str, Any]:
+            pipe = pair.phase("pipelined", n_pipe)
+            lock = pair.phase("lockstep", n_lock)
+            log(
+                f"  round {r + 1}: channel {pipe['updates'] / pipe['seconds']:,.0f}/s, "
+                f"lock-step p50 {percentile(lock['latencies'], 50) * 1000:.3f} ms"
+            )
+            return {"pipe": pipe, "lock": lock}
+
+        for r in range(rounds):
+            # Baseline and channel in turn, the first one first in odd rounds and second in
+            # even ones: a machine that speeds up or slows down during the run weighs on
+            # both sides of each ratio alike.
+            if r % 2 == 0:
+                b, c = baseline(r), channel(r)
+            else:
+                c, b = channel(r), baseline(r)
+            per_round.append(b | c)
+        n_all = min(rounds * n_pipe, ALL_AT_ONCE_MAX)
+        all_at_once = pair.phase("all_at_once", n_all)
+        final_version = pair.stop()
+
+    def pooled(phase: str) -> dict[str, Any]:
+        """One phase's measurements over all rounds."""
+        out: dict[str, Any] = {
+            "updates": sum(x[phase]["updates"] for x in per_round),
+            "seconds": sum(x[phase]["seconds"] for x in per_round),
+        }
+        for who in ("alice", "bob"):
+            out[who] = {
+                k: sum(x[phase][who][k] for x in per_round) for k in per_round[0][phase][who]
+            }
+        return out
+
+    pipe, lock = pooled("pipe"), pooled("lock")
     rate_pipe = pipe["updates"] / pipe["seconds"]
-    lat_ms = [x * 1000 for x in lock["latencies"]]
-    bare_lat_ms = [x * 1000 for x in bare["lockstep"]]
+    bare_secs = sum(x["bare"]["pipelined_s"] for x in per_round)
+    bare_rate = rounds * bare_n / bare_secs
+    bare_cum_rate = rounds * bare_n / sum(x["cum"]["pipelined_s"] for x in per_round)
+    lat_ms = [t * 1000 for x in per_round for t in x["lock"]["latencies"]]
+    bare_lat_ms = [t * 1000 for x in per_round for t in x["bare"]["lockstep"]]
+    commit_ms = [t for x in per_round for t in x["commits"]]
 
     # A durable lock-step update has three commits on its critical path (the proposer's
     # proposal, the responder's countersigned state, the proposer's completion), so it
     # cannot beat the bare baseline's round trip plus three bare SQLite commits.
-    floor_ms = percentile(bare_lat_ms, 50) + 3 * commit_ms["p50"]
+    def floor(bare_lat: list[float], commits: list[float]) -> float:
+        return percentile(bare_lat, 50) + 3 * percentile(commits, 50)
 
     def per_update(phase: dict[str, Any], key: str) -> float:
-        return (phase["alice"][key] + phase["bob"][key]) / phase["updates"]
+        return float(phase["alice"][key] + phase["bob"][key]) / int(phase["updates"])
 
     def share(phase: dict[str, Any], who: str, key: str) -> float:
-        return phase[who][key] / phase["seconds"]
+        return float(phase[who][key]) / float(phase["seconds"])
 
+    rounds_out = []
+    for x in per_round:
+        ch_rate = x["pipe"]["updates"] / x["pipe"]["seconds"]
+        b_rate = bare_n / x["bare"]["pipelined_s"]
+        r_lat = [t * 1000 for t in x["lock"]["latencies"]]
+        r_floor = floor([t * 1000 for t in x["bare"]["lockstep"]], x["commits"])
+        rounds_out.append(
+            {
+                "updates_per_s_pipelined": round(ch_rate, 1),
+                "bare_updates_per_s_pipelined": round(b_rate, 1),
+                "ratio_pipelined_vs_bare": round(ch_rate / b_rate, 3),
+                "ratio_pipelined_vs_bare_cumulative": round(
+                    ch_rate / (bare_n / x["cum"]["pipelined_s"]), 3
+                ),
+                "fsyncs_per_update": round(per_update(x["pipe"], "commits"), 4),
+                "cpu_ms_per_update_pipelined": {
+                    who: round(
+                        (x["pipe"][who]["cpu_user_s"] + x["pipe"][who]["cpu_sys_s"])
+                        * 1000
+                        / x["pipe"]["updates"],
+                        4,
+                    )
+                    for who in ("alice", "bob")
+                },
+                "p50_ms_lockstep": round(percentile(r_lat, 50), 3),
+                "lockstep_floor_ms": round(r_floor, 3),
+                "ratio_p50_lockstep_vs_floor": round(percentile(r_lat, 50) / r_floor, 3),
+            }
+        )
+
+    def median_of(key: str) -> float:
+        return round(percentile([x[key] for x in rounds_out], 50), 3)
+
+    bare_cpu = {
+        who: sum(x["bare"]["cpu_s"][who] for x in per_round) for who in ("proposer", "responder")
+    }
     result = {
         "benchmark": "updates",
         "quick": args.quick,
+        "rounds": rounds,
         "updates_per_s_pipelined": round(rate_pipe, 1),
         "updates_per_s_pipelined_all_at_once": round(
-            ch["all_at_once"]["updates"] / ch["all_at_once"]["seconds"], 1
+            all_at_once["updates"] / all_at_once["seconds"], 1
         ),
-        "all_at_once_updates": ch["all_at_once"]["updates"],
-        "all_at_once_error": ch["all_at_once"]["error"],
+        "all_at_once_updates": all_at_once["updates"],
+        "all_at_once_error": all_at_once["error"],
         "pipelined_callers": 4 * args.window,
-        "pipelined_peer_timeouts": pipe["timeouts"],
+        "pipelined_peer_timeouts": sum(x["pipe"]["timeouts"] for x in per_round),
         "updates_per_s_lockstep": round(lock["updates"] / lock["seconds"], 1),
         "p50_ms_lockstep": round(percentile(lat_ms, 50), 3),
         "p99_ms_lockstep": round(percentile(lat_ms, 99), 3),
         "bare_updates_per_s_pipelined": round(bare_rate, 1),
-        "ratio_pipelined_vs_bare": round(rate_pipe / bare_rate, 3),
+        "ratio_pipelined_vs_bare": median_of("ratio_pipelined_vs_bare"),
         "bare_cumulative_updates_per_s_pipelined": round(bare_cum_rate, 1),
-        "ratio_pipelined_vs_bare_cumulative": round(rate_pipe / bare_cum_rate, 3),
+        "ratio_pipelined_vs_bare_cumulative": median_of("ratio_pipelined_vs_bare_cumulative"),
         "bare_updates_per_s_lockstep": round(len(bare_lat_ms) / (sum(bare_lat_ms) / 1000), 1),
         "bare_p50_ms_lockstep": round(percentile(bare_lat_ms, 50), 3),
         "bare_p99_ms_lockstep": round(percentile(bare_lat_ms, 99), 3),
-        "sqlite_commit_ms": commit_ms,
-        "lockstep_floor_ms": round(floor_ms, 3),
-        "ratio_p50_lockstep_vs_floor": round(percentile(lat_ms, 50) / floor_ms, 3),
+        "sqlite_commit_ms": {
+            "p50": round(percentile(commit_ms, 50), 3),
+            "p99": round(percentile(commit_ms, 99), 3),
+        },
+        "lockstep_floor_ms": round(floor(bare_lat_ms, commit_ms), 3),
+        "ratio_p50_lockstep_vs_floor": median_of("ratio_p50_lockstep_vs_floor"),
+        "per_round": rounds_out,
         "bare_cpu_ms_per_update_pipelined": {
-            who: round(bare["cpu_s"][who] * 1000 / bare_n, 4) for who in ("proposer", "responder")
+            who: round(bare_cpu[who] * 1000 / (rounds * bare_n), 4)
+            for who in ("proposer", "responder")
         },
         "fsyncs_per_update": round(per_update(pipe, "commits"), 4),
         "fsyncs_per_update_lockstep": round(per_update(lock, "commits"), 4),
@@ -661,12 +776,12 @@ def main() -> None:
         "store_apply_ms_per_update_lockstep": {
             who: round(lock[who]["apply_s"] * 1000 / lock["updates"], 4) for who in ("alice", "bob")
         },
-        "pipelined_updates": n_pipe,
-        "lockstep_updates": n_lock,
+        "pipelined_updates": rounds * n_pipe,
+        "lockstep_updates": rounds * n_lock,
         "window": args.window,
         "bare_window": bare_window,
         "ablations": ablations(),
-        "final_version": ch["final_version"],
+        "final_version": final_version,
         "seconds_total": round(time.perf_counter() - t_start, 1),
         "machine": machine_info(),
     }
