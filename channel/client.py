@@ -251,7 +251,8 @@ class Client:
                     continue  # the line moved on meanwhile: queue up again
                 w = Waiter(0.0, fn)
                 self._propose(ch, w)
-                self.outbox.flush_now()
+                if len(m.pending) == 1:  # lock-step: nothing else of ours in flight here
+                    self.outbox.flush_now()
                 await self._wait(ch, w)
             if w.error is not None:
                 raise w.error

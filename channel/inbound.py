@@ -77,6 +77,10 @@ class Inbound:
         self.pump = pump
         #: Per peer, the channels holding its proposals checked but not countersigned.
         self._deferred: dict[bytes, dict[bytes, Lane]] = {}
+        #: Per peer, the frames handled since its reader was last idle.
+        self._since_idle: dict[bytes, int] = {}
+        #: The peers whose frames since then were more than one lone update.
+        self._not_lone: set[bytes] = set()
 
     def on_connected(self, node_id: bytes) -> None:
         """A link to ``node_id`` is up: every channel with that peer resyncs."""
@@ -87,15 +91,28 @@ class Inbound:
     def on_idle(self, node_id: bytes) -> None:
         """Every frame read from ``node_id`` is handled: countersign, on each channel,
         the newest of its proposals (one signature, one fsync, one ``Accept``); then, if
-        that is all there is to do, commit and send it before the reader waits."""
+        that is all there is to do, commit and send it before the reader waits.
+
+        "All there is" means lock-step traffic: one frame was read, and it was a lone
+        proposal, or an ``Accept`` that leaves none of ours in flight.  In pipelined
+        traffic an fsync on the loop would hold up the reading of the next frames, and
+        each inline commit would send a train of one update that the peer then answers
+        on its own (after a lock-step phase, a pipelined one made ~4 times the fsyncs)."""
+        lone = self._since_idle.pop(node_id, 0) <= 1
+        if node_id in self._not_lone:
+            self._not_lone.discard(node_id)
+            lone = False
         for ch in self._deferred.pop(node_id, {}).values():
             if ch.machine.deferred:
+                lone = lone and len(ch.machine.deferred) == 1
                 self.outbox.emit(node_id, ch.machine.handle(ActionCountersign()))
-        self.outbox.flush_now()
+        if lone:
+            self.outbox.flush_now()
 
     def on_frame(self, node_id: bytes, frame: bytes) -> bool:
         """Handle one frame from ``node_id``; a refused one gets an ``Error`` reply and
         returns False (the links count those and drop a peer that sends too many)."""
+        self._since_idle[node_id] = self._since_idle.get(node_id, 0) + 1
         try:
             self.dispatch(node_id, codec.decode(frame))
         except FundsAtRiskError:
@@ -119,6 +136,8 @@ class Inbound:
             # The slot is free now: the next update in line joins the same group commit
             # as this completion (nothing of either leaves before that commit).
             self.pump(ch)
+            if ch.machine.pending:
+                self._not_lone.add(node_id)  # pipelined: leave the commit to the flusher
         elif isinstance(msg, Reject):
             ch = self._route(node_id, msg.channel_id)
             self.outbox.emit(node_id, ch.machine.handle(ReceiveReject(msg)))

@@ -10,7 +10,8 @@ channel, and updates on many channels, share fsyncs this way.
 Lock-step traffic takes a shortcut (:meth:`Outbox.flush_now`): the task that emitted a
 lone update, about to wait anyway, does the same work itself when nothing else is
 running, which saves a hop through the scheduler (~20-60 us here) on each of the
-three commits of an update.
+three commits of an update.  Its callers decide what is lock-step (``Client.update``,
+``Inbound.on_idle``); pipelined traffic always goes through the flusher.
 """
 
 from __future__ import annotations

@@ -482,3 +482,48 @@ async def test_prune_history_during_traffic_keeps_the_channel_claimable(tmp_path
                 TOTAL - 1701,
                 TOTAL + 1701,
             )
+
+
+async def test_lockstep_pays_commit_inline_and_pipelined_pays_after_them_share_commits(
+    tmp_path: Path,
+) -> None:
+    """Lock-step pays take the shortcut: each party commits on the task that handled the
+    update (the loop thread), three commits an update.  Pipelined pays right after them
+    are group-committed by the flusher instead: a commit on the loop in pipelined traffic
+    holds up the reader and sends a train of one update, which the peer then answers on
+    its own (measured: four times the fsyncs and a third less throughput)."""
+    import threading
+
+    async with pair(tmp_path) as (alice, bob, cid):
+        commits: dict[str, list[bool]] = {"alice": [], "bob": []}
+        for name, client in (("alice", alice), ("bob", bob)):
+            store = client.outbox.store
+            original = store.commit
+
+            def counted(plan: object, name: str = name, original: object = original) -> None:
+                commits[name].append(threading.current_thread() is threading.main_thread())
+                original(plan)  # type: ignore[operator]
+
+            store.commit = counted  # type: ignore[method-assign]
+        await alice.pay(cid, ETH, 1)  # one lock-step pay to settle the pattern in
+        for c in commits.values():
+            c.clear()
+        for _ in range(20):
+            await alice.pay(cid, ETH, 1)
+        await bob.drain()
+        # Three commits an update, on the loop thread (a sweep that happens to be due
+        # makes the shortcut stand aside for an update, hence the margin).
+        assert len(commits["alice"]) == 40 and len(commits["bob"]) == 20
+        assert sum(commits["alice"]) >= 36 and sum(commits["bob"]) >= 18
+        for c in commits.values():
+            c.clear()
+        async with trio.open_nursery() as n:
+            for _ in range(256):
+                n.start_soon(alice.pay, cid, ETH, 1)
+        await bob.drain()
+        # A few group commits each (5 and 3 when this was written; 259 and 3 when the
+        # shortcut still took alice's pipelined proposals one at a time).
+        assert len(commits["alice"]) <= 16, commits["alice"]
+        assert len(commits["bob"]) <= 16, commits["bob"]
+        latest = bob.latest(cid)
+        assert latest is not None and latest.state.version == 1 + 20 + 256
