@@ -168,8 +168,8 @@ class Connection(trio.abc.AsyncResource):
         """Encrypt ``msgs`` and write them to the socket at once, without waiting: for a
         sender that would otherwise hand them to a writer task (a pass through the
         scheduler before the bytes leave).  False, with nothing done, if a send is in
-        progress or pending, or the connection is not a plain TCP socket.  True once the
-        frames are committed to this connection: written, or (socket buffer full, or
+        progress or pending, or the stream is not a ``trio.SocketStream``.  True once
+        the frames are committed to this connection: written, or (socket buffer full, or
         the socket failed) left for the next :meth:`send_many`, which writes the rest
         first or raises ``TransportError``.  Raises ``OversizeError`` as ``send_many``."""
         if self._socket is None or self._unsent or self._send_lock.locked():
