@@ -488,3 +488,83 @@ async def test_node_that_stops_mining_hits_the_deadline_scope(
         await sub.submit(refute_intent(world, backend, world.signed(2)))
     assert trio.current_time() - start < 10
     assert len(sub.attempts((world.params.channel_id, 2, "refute"))) == 1
+
+
+async def holdings(backend: JsonRpcBackend, world: World) -> int:
+    from dispute.abi import decode_uint, holdings_calldata
+    from dispute.eth import CallRequest
+
+    out = await backend.call(
+        CallRequest(to=world.adjudicator, data=holdings_calldata(world.params.channel_id, ETH))
+    )
+    return decode_uint("holdings", out)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "deadline_missed"])
+async def test_the_next_intent_takes_over_a_nonce_left_pending(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl, how: str
+) -> None:
+    """An intent that ends with its transaction still in the pool (its caller cancelled
+    it; or its deadline passed with the node producing no block) abandons the nonce.
+    The next intent from the key takes that nonce over with higher fees, so the
+    abandoned transaction can never be mined: it neither lands late (a deposit nobody
+    wants any more, a refute that would revert and burn gas) nor holds up the intents
+    behind it."""
+    await dev.set_automine(False)
+    data = deposit_eth_calldata(world.params.channel_id)
+    before = await holdings(backend, world)
+    if how == "cancelled":
+        sub = submitter(world, backend, confirmations=1)
+        first = Intent(key=("deposit", "first"), to=world.adjudicator, data=data, value=1000)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sub.submit, first)
+                await wait_pending(dev)
+                nursery.cancel_scope.cancel()
+    else:
+        # The node stops producing blocks just before the deadline: the refute is still in
+        # its pool when the submitter gives up.
+        await dev.set_automine(True)
+        await dev.set_next_block_timestamp(world.claimed.deadline - 3)
+        await dev.mine()
+        await dev.set_automine(False)
+        sub = submitter(world, backend, confirmations=1)
+        first = refute_intent(world, backend, world.signed(2))
+        with trio.fail_after(20), pytest.raises(DeadlineMissed):
+            await sub.submit(first)
+    (left,) = {a.nonce for a in sub.attempts(first.key)}
+    left_txs = [a.tx_hash for a in sub.attempts(first.key)]
+    assert await dev.pending_count() == 1  # the first intent's transaction is still there
+    assert sub.nonces.owned == {} and set(sub.nonces.abandoned) == {left}
+
+    second = Intent(key=("deposit", "second"), to=world.adjudicator, data=data, value=2000)
+    bg = Background()
+
+    async def sent() -> bool:
+        return bool(sub.attempts(second.key))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bg.run, sub, second)
+        with trio.fail_after(30):
+            await poll_node(sent)  # no block yet: both transactions are in the pool now
+            nursery.start_soon(mine_forever, dev)
+            await bg.done.wait()
+            # a few more blocks: nothing else of ours is waiting to be mined
+            head = await backend.block("latest")
+            await poll_node(lambda: _past(backend, head.number + 3))
+        nursery.cancel_scope.cancel()
+
+    out = bg.result
+    assert isinstance(out, TxOutcome) and out.success
+    (taken,) = sub.attempts(second.key)
+    assert taken.nonce == left
+    assert taken.fees.max_fee_per_gas > max(a.fees.max_fee_per_gas for a in sub.attempts(first.key))
+    for tx_hash in left_txs:
+        assert await backend.receipt(tx_hash) is None
+    assert await holdings(backend, world) == before + 2000
+    assert await backend.nonce(world.tower.address, "latest") == left + 1
+    assert sub.nonces.owned == {} and sub.nonces.abandoned == {}
+
+
+async def _past(backend: JsonRpcBackend, number: int) -> bool:
+    return (await backend.block("latest")).number >= number
