@@ -40,6 +40,7 @@ from dispute.tx import TxParams, sign
 
 E = 10**18
 GWEI = 10**9
+HOG = b"\x0b" * 20  # test-only: code that loops until it runs out of gas
 DURATION = 3600
 POLL = 0.05
 
@@ -568,3 +569,64 @@ async def test_the_next_intent_takes_over_a_nonce_left_pending(
 
 async def _past(backend: JsonRpcBackend, number: int) -> bool:
     return (await backend.block("latest")).number >= number
+
+
+async def test_fee_escalation_replaces_a_pending_refute_on_a_live_node(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """Late in the window the fee schedule escalates the priority fee: the submitter
+    replaces the refute still pending in the node's pool (same nonce, higher fees; the
+    base fee unchanged and too few blocks to count as stuck) and the replacement lands.
+    A congested block (a rival's gas hog at a higher priority) keeps it out meanwhile."""
+    await dev.set_automine(False)
+    sub = Submitter(
+        backend,
+        world.tower,
+        chain_id=world.node.chain_id,
+        poll_interval=POLL,
+        confirmations=1,
+        stuck_blocks=1000,
+    )
+    intent = refute_intent(world, backend, world.signed(2))
+    bg = Background()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bg.run, sub, intent)
+        with trio.fail_after(30):
+            await wait_pending(dev)
+            (first,) = sub.attempts(intent.key)
+            # A congested block: a rival's transaction that burns all but 30,000 of the
+            # block's 30M gas at a far higher priority fee, so ours does not fit.
+            rival = Signer.generate()
+            await dev.fund(rival.address, 100 * E)
+            await dev.set_code(HOG, bytes.fromhex("5b600056"))  # JUMPDEST PUSH1 0 JUMP
+            hog = TxParams(
+                chain_id=world.node.chain_id,
+                nonce=0,
+                gas=29_970_000,
+                fees=Fees(200 * GWEI, 100 * GWEI),
+                to=HOG,
+            )
+            await backend.send_raw_transaction(sign(hog, rival).raw)
+            await dev.increase_time(DURATION * 3 // 4)  # past the calm half of the window
+            await dev.mine()
+            assert await backend.nonce(rival.address, "latest") == 1
+            assert await backend.receipt(first.tx_hash) is None
+
+            async def replaced() -> bool:
+                return len(sub.attempts(intent.key)) > 1
+
+            await poll_node(replaced)
+            second = sub.attempts(intent.key)[1]
+            assert await dev.pending_count() == 1  # the replacement took the old one's place
+            nursery.start_soon(mine_forever, dev)
+            await bg.done.wait()
+        nursery.cancel_scope.cancel()
+
+    out = bg.result
+    assert isinstance(out, TxOutcome) and out.success
+    assert second.kind == "replace" and second.nonce == first.nonce
+    assert second.fees.max_priority_fee_per_gas > first.fees.max_priority_fee_per_gas
+    assert out.tx_hash in {a.tx_hash for a in sub.attempts(intent.key)[1:]}
+    assert await backend.receipt(first.tx_hash) is None
+    assert (await registered(backend, world)).version == 2
+    assert await block_time(backend, out.block_number) < world.claimed.deadline
