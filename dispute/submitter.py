@@ -429,7 +429,12 @@ class Submitter:
             track.mined = None
 
         if self._too_late(intent, head):
-            if not await intent.still_needed():
+            needed = await intent.still_needed()
+            if await self._canonical_receipt(track) is not None:
+                # Ours landed at the last moment (while we asked): neither a stand-down
+                # nor a missed deadline; the next head counts its confirmations.
+                return None, track
+            if not needed:
                 return StoodDown(key=intent.key, reason="window over; chain holds it"), track
             self._check_deadline(intent, head, track.nonce)
 

@@ -43,6 +43,7 @@ GWEI = 10**9
 HOG = b"\x0b" * 20  # test-only: code that loops until it runs out of gas
 DURATION = 3600
 POLL = 0.05
+MARGIN = 5
 
 pytestmark = pytest.mark.chain
 
@@ -630,3 +631,68 @@ async def test_fee_escalation_replaces_a_pending_refute_on_a_live_node(
     assert await backend.receipt(first.tx_hash) is None
     assert (await registered(backend, world)).version == 2
     assert await block_time(backend, out.block_number) < world.claimed.deadline
+
+
+async def test_a_refute_that_lands_at_the_last_moment_is_reported_as_landed(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """The head says the window is over for anything not yet mined (by the submitter's
+    margin), and while it asks whether the refute is still needed, ours is mined after
+    all, in a block before the deadline.  The submitter reports our transaction's
+    outcome: not DeadlineMissed (a false alarm of funds at risk), not a stand-down
+    (someone else's doing)."""
+    await dev.set_automine(False)
+    # A margin of 5 s: the submitter counts on no block within 5 s of the head (on a
+    # chain whose blocks come slower), so a head 5 s before the deadline is too late.
+    sub = Submitter(
+        backend,
+        world.tower,
+        chain_id=world.node.chain_id,
+        poll_interval=POLL,
+        confirmations=1,
+        margin=MARGIN,
+    )
+    deadline = world.claimed.deadline
+    landed = False
+
+    async def still_needed() -> bool:
+        nonlocal landed
+        head = await backend.block("latest")
+        if head.timestamp + MARGIN >= deadline and not landed:  # the submitter's last check
+            landed = True
+            await dev.set_next_block_timestamp(deadline - 2)
+            await dev.mine()  # ours goes in, after all, 2 s before the deadline
+            return True  # the answer was read just before that block
+        return (await registered(backend, world)).version < 2
+
+    intent = attrs.evolve(refute_intent(world, backend, world.signed(2)), still_needed=still_needed)
+    bg = Background()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bg.run, sub, intent)
+        with trio.fail_after(30):
+            await wait_pending(dev)
+            (first,) = sub.attempts(intent.key)
+            # The last block before the window closes is congested: ours is left out.
+            rival = Signer.generate()
+            await dev.fund(rival.address, 100 * E)
+            await dev.set_code(HOG, bytes.fromhex("5b600056"))
+            hog = TxParams(
+                chain_id=world.node.chain_id,
+                nonce=0,
+                gas=29_970_000,
+                fees=Fees(200 * GWEI, 100 * GWEI),
+                to=HOG,
+            )
+            await backend.send_raw_transaction(sign(hog, rival).raw)
+            await dev.set_next_block_timestamp(deadline - MARGIN)
+            await dev.mine()
+            assert await backend.receipt(first.tx_hash) is None
+            await bg.done.wait()
+        nursery.cancel_scope.cancel()
+
+    assert landed
+    out = bg.result
+    assert isinstance(out, TxOutcome) and out.success, out
+    assert out.tx_hash == first.tx_hash
+    assert await block_time(backend, out.block_number) < deadline
+    assert (await registered(backend, world)).version == 2
