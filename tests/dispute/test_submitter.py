@@ -197,6 +197,24 @@ class Background:
         self.done.set()
 
 
+async def congest_next_block(world: World, backend: JsonRpcBackend, dev: DevNodeControl) -> bytes:
+    """Fill the next block: a rival's transaction that burns all but 30,000 of its 30M
+    gas at a far higher priority fee than ours, so that a refute does not fit.  Returns
+    the rival's address."""
+    rival = Signer.generate()
+    await dev.fund(rival.address, 100 * E)
+    await dev.set_code(HOG, bytes.fromhex("5b600056"))  # JUMPDEST PUSH1 0 JUMP
+    hog = TxParams(
+        chain_id=world.node.chain_id,
+        nonce=0,
+        gas=29_970_000,
+        fees=Fees(200 * GWEI, 100 * GWEI),
+        to=HOG,
+    )
+    await backend.send_raw_transaction(sign(hog, rival).raw)
+    return rival.address
+
+
 async def block_time(backend: JsonRpcBackend, number: int) -> int:
     return (await backend.block(number)).timestamp
 
@@ -595,22 +613,10 @@ async def test_fee_escalation_replaces_a_pending_refute_on_a_live_node(
         with trio.fail_after(30):
             await wait_pending(dev)
             (first,) = sub.attempts(intent.key)
-            # A congested block: a rival's transaction that burns all but 30,000 of the
-            # block's 30M gas at a far higher priority fee, so ours does not fit.
-            rival = Signer.generate()
-            await dev.fund(rival.address, 100 * E)
-            await dev.set_code(HOG, bytes.fromhex("5b600056"))  # JUMPDEST PUSH1 0 JUMP
-            hog = TxParams(
-                chain_id=world.node.chain_id,
-                nonce=0,
-                gas=29_970_000,
-                fees=Fees(200 * GWEI, 100 * GWEI),
-                to=HOG,
-            )
-            await backend.send_raw_transaction(sign(hog, rival).raw)
+            rival = await congest_next_block(world, backend, dev)
             await dev.increase_time(DURATION * 3 // 4)  # past the calm half of the window
             await dev.mine()
-            assert await backend.nonce(rival.address, "latest") == 1
+            assert await backend.nonce(rival, "latest") == 1  # the hog is in the block
             assert await backend.receipt(first.tx_hash) is None
 
             async def replaced() -> bool:
@@ -673,17 +679,7 @@ async def test_a_refute_that_lands_at_the_last_moment_is_reported_as_landed(
             await wait_pending(dev)
             (first,) = sub.attempts(intent.key)
             # The last block before the window closes is congested: ours is left out.
-            rival = Signer.generate()
-            await dev.fund(rival.address, 100 * E)
-            await dev.set_code(HOG, bytes.fromhex("5b600056"))
-            hog = TxParams(
-                chain_id=world.node.chain_id,
-                nonce=0,
-                gas=29_970_000,
-                fees=Fees(200 * GWEI, 100 * GWEI),
-                to=HOG,
-            )
-            await backend.send_raw_transaction(sign(hog, rival).raw)
+            await congest_next_block(world, backend, dev)
             await dev.set_next_block_timestamp(deadline - MARGIN)
             await dev.mine()
             assert await backend.receipt(first.tx_hash) is None
