@@ -48,6 +48,13 @@ import trio
 from channel.chain import Block, TxOutcome
 from channel.errors import ChainError, FundsAtRiskError, Reverted
 from dispute.eth import CallRequest, EthBackend, Receipt
+from dispute.nonces import (
+    NonceManager,
+    already_known,
+    nonce_too_low,
+    price_refused,
+    shielded_send,
+)
 from dispute.policy import DEFAULT_MARGIN, Fees, FeeSchedule, replacement_fees, underpriced
 from dispute.tx import KeyLike, SignedTx, TxParams, address_of, sign
 
@@ -112,140 +119,6 @@ class Attempt:
     tx_hash: bytes
     fees: Fees
     head: int
-
-
-# ----------------------------------------------------------------- nonces
-
-
-class NonceManager:
-    """The next nonce of one sending address, kept locally.
-
-    A nonce belongs to one intent from the moment its transaction is accepted by the node
-    until the intent releases it; no other intent gets it meanwhile, even when the node
-    forgets the transaction (a reorg, a pool eviction).  The local view re-syncs from the
-    node's ``pending`` count at every allocation, so a transaction sent from the same key
-    elsewhere is skipped over, and a nonce nobody owns any more is used again.
-
-    An intent that ends with its transaction still unmined (it stood down, missed its
-    deadline, or its caller cancelled it) *abandons* the nonce: the transaction may sit in
-    the pool, and every later nonce of the key waits behind it — a refute priced for
-    yesterday's base fee would hold up today's urgent one until it is mined (and then
-    land, or revert and burn gas, long after anyone wanted it).  The next intent takes an
-    abandoned nonce over: its own transaction at that nonce, with fees above the
-    abandoned one's, so the abandoned one can never be mined.
-    """
-
-    def __init__(self, backend: EthBackend, address: bytes) -> None:
-        self.address = address
-        self._backend = backend
-        self._owned: dict[int, Hashable] = {}
-        #: Abandoned nonces and the fees of the transaction left pending at each.
-        self._abandoned: dict[int, Fees] = {}
-        self._lock = trio.Lock()
-
-    @property
-    def owned(self) -> dict[int, Hashable]:
-        return dict(self._owned)
-
-    @property
-    def abandoned(self) -> dict[int, Fees]:
-        return dict(self._abandoned)
-
-    async def send_new(
-        self, key: Hashable, build: Callable[[int, Fees | None], SignedTx | None]
-    ) -> SignedTx:
-        """Sign and send ``build(nonce, outbid)`` and record that the nonce belongs to
-        ``key``.  The nonce is the lowest abandoned one still unmined, with ``outbid`` the
-        fees of the transaction pending there (``build`` returns None if it cannot pay
-        enough more), else the next free one (``outbid`` None).  Raises ``ChainError`` if
-        the node refuses it."""
-        async with self._lock:
-            tx = await self._take_over(key, build)
-            if tx is not None:
-                return tx
-            pending = await self._backend.nonce(self.address, "pending")
-            nonce = max(pending, max(self._owned, default=-1) + 1)
-            for _ in range(8):
-                tx = build(nonce, None)
-                assert tx is not None
-                try:
-                    await _shielded_send(self._backend, tx)
-                except ChainError as exc:
-                    if _nonce_too_low(exc):  # someone else used this key meanwhile
-                        nonce = max(nonce + 1, await self._backend.nonce(self.address, "pending"))
-                        continue
-                    raise
-                self._owned[nonce] = key
-                return tx
-            raise ChainError(f"no usable nonce for {self.address.hex()} after 8 tries")
-
-    async def _take_over(
-        self, key: Hashable, build: Callable[[int, Fees | None], SignedTx | None]
-    ) -> SignedTx | None:
-        if not self._abandoned:
-            return None
-        mined = await self._backend.nonce(self.address, "latest")
-        for nonce in sorted(self._abandoned):
-            if nonce < mined:  # consumed: by the abandoned transaction or another
-                del self._abandoned[nonce]
-                continue
-            tx = build(nonce, self._abandoned[nonce])
-            if tx is None:
-                return None  # cannot outbid it under the fee cap: a fresh nonce then
-            try:
-                await _shielded_send(self._backend, tx)
-            except ChainError as exc:
-                if _nonce_too_low(exc):  # mined just now
-                    del self._abandoned[nonce]
-                    continue
-                if _price_refused(exc):
-                    log.info("nonce %d: the node refused to replace it (%s)", nonce, exc)
-                    return None
-                raise
-            del self._abandoned[nonce]
-            self._owned[nonce] = key
-            log.info("nonce %d: taken over from an abandoned transaction", nonce)
-            return tx
-        return None
-
-    def release(self, nonce: int, key: Hashable) -> None:
-        """``key`` is done with ``nonce``: its transaction is mined (or none is pending)."""
-        if self._owned.get(nonce) == key:
-            del self._owned[nonce]
-
-    def abandon(self, nonce: int, key: Hashable, fees: Fees) -> None:
-        """``key`` is done with ``nonce`` but its transaction there, sent with ``fees``,
-        may still be pending: the next intent takes the nonce over."""
-        if self._owned.get(nonce) == key:
-            del self._owned[nonce]
-            self._abandoned[nonce] = fees
-
-
-async def _shielded_send(backend: EthBackend, tx: SignedTx) -> None:
-    """Send ``tx``; a cancellation waits until the node has answered (the RPC timeout
-    bounds it), so that a transaction the node took is always recorded as ours."""
-    with trio.CancelScope(shield=True):
-        await backend.send_raw_transaction(tx.raw)
-
-
-def _nonce_too_low(exc: ChainError) -> bool:
-    text = str(exc).lower()
-    return "nonce too low" in text or "nonce is too low" in text or "already imported" in text
-
-
-def _already_known(exc: ChainError) -> bool:
-    text = str(exc).lower()
-    return "already known" in text or "already imported" in text or "known transaction" in text
-
-
-def _price_refused(exc: ChainError) -> bool:
-    """The node refused a transaction for its fees (underpriced replacement, max fee
-    below the base fee, below the pool's minimum)."""
-    text = str(exc).lower()
-    return any(
-        s in text
-        for s in ("underpriced", "less than block base fee", "fee cap", "max fee per gas less")
-    )
 
 
 # ----------------------------------------------------------------- the submitter
@@ -524,7 +397,7 @@ class Submitter:
             try:
                 tx = await self.nonces.send_new(intent.key, fresh)
             except ChainError as exc:
-                if not _price_refused(exc):
+                if not price_refused(exc):
                     raise
                 log.warning("%s: refused for its price (%s); next head retries", intent.name, exc)
                 return None
@@ -546,11 +419,11 @@ class Submitter:
     ) -> bool:
         """Send ``tx``; False if the node refused it in a way the next block sorts out."""
         try:
-            await _shielded_send(self.backend, tx)
+            await shielded_send(self.backend, tx)
         except ChainError as exc:
-            if _already_known(exc):
+            if already_known(exc):
                 return True
-            if _nonce_too_low(exc) or _price_refused(exc):
+            if nonce_too_low(exc) or price_refused(exc):
                 log.info("%s: %s refused (%s); next block decides", intent.name, kind, exc)
                 return False
             raise
