@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import statistics
 import struct
 import sys
 import tempfile
@@ -298,6 +299,13 @@ class ChannelPair:
         result: dict[str, Any] = self._answer(name)
         return result
 
+    def kill(self) -> None:
+        """Terminate whichever child is still running (nothing to do after ``stop``)."""
+        for p in (self.alice, self.bob):
+            if p.is_alive():
+                p.terminate()
+                p.join(10)
+
     def stop(self) -> int:
         """Stop both children (they must exit cleanly); the final co-signed version."""
         self.conn.send(("stop", 0))
@@ -553,22 +561,25 @@ def run_bare(
         args=(b.secret_bytes(), a.address, r_child, ctl_r, cumulative),
     )
     resp.start()
-    if not r_parent.poll(30):
-        raise RuntimeError("bare responder did not start")
-    port = r_parent.recv()
-    prop = ctx.Process(
-        target=bare_proposer_main,
-        args=(a.secret_bytes(), b.address, port, n_pipe, n_lock, p_child, ctl_p, window),
-    )
-    prop.start()
+    prop: Any = None
     try:
+        if not r_parent.poll(30):
+            raise RuntimeError("bare responder did not start")
+        port = r_parent.recv()
+        prop = ctx.Process(
+            target=bare_proposer_main,
+            args=(a.secret_bytes(), b.address, port, n_pipe, n_lock, p_child, ctl_p, window),
+        )
+        prop.start()
         result: dict[str, Any] = wait_result(p_parent, prop, 300, "bare proposer")
-    except BaseException:
-        resp.terminate()
-        raise
-    ctl_p.send("stop")
-    prop.join(30)
-    resp.join(30)
+        ctl_p.send("stop")
+        prop.join(30)
+        resp.join(30)
+    finally:
+        for p in (prop, resp):
+            if p is not None and p.is_alive():
+                p.terminate()
+                p.join(10)
     return result
 
 
@@ -638,18 +649,21 @@ def main() -> None:
             )
             return {"pipe": pipe, "lock": lock}
 
-        for r in range(rounds):
-            # Baseline and channel in turn, the first one first in odd rounds and second in
-            # even ones: a machine that speeds up or slows down during the run weighs on
-            # both sides of each ratio alike.
-            if r % 2 == 0:
-                b, c = baseline(r), channel(r)
-            else:
-                c, b = channel(r), baseline(r)
-            per_round.append(b | c)
-        n_all = min(rounds * n_pipe, ALL_AT_ONCE_MAX)
-        all_at_once = pair.phase("all_at_once", n_all)
-        final_version = pair.stop()
+        try:
+            for r in range(rounds):
+                # Baseline and channel in turn, the first one first in odd rounds and
+                # second in even ones: a machine that speeds up or slows down during the
+                # run weighs on both sides of each ratio alike.
+                if r % 2 == 0:
+                    b, c = baseline(r), channel(r)
+                else:
+                    c, b = channel(r), baseline(r)
+                per_round.append(b | c)
+            n_all = min(rounds * n_pipe, ALL_AT_ONCE_MAX)
+            all_at_once = pair.phase("all_at_once", n_all)
+            final_version = pair.stop()
+        finally:
+            pair.kill()  # on an error, the children would otherwise wait for orders forever
 
     def pooled(phase: str) -> dict[str, Any]:
         """One phase's measurements over all rounds."""
@@ -715,7 +729,7 @@ def main() -> None:
         )
 
     def median_of(key: str) -> float:
-        return round(percentile([x[key] for x in rounds_out], 50), 3)
+        return round(statistics.median(x[key] for x in rounds_out), 3)
 
     bare_cpu = {
         who: sum(x["bare"]["cpu_s"][who] for x in per_round) for who in ("proposer", "responder")
@@ -776,7 +790,7 @@ def main() -> None:
         "store_apply_ms_per_update_lockstep": {
             who: round(lock[who]["apply_s"] * 1000 / lock["updates"], 4) for who in ("alice", "bob")
         },
-        "pipelined_updates": rounds * n_pipe,
+        "pipelined_updates": pipe["updates"],
         "lockstep_updates": rounds * n_lock,
         "window": args.window,
         "bare_window": bare_window,
