@@ -43,8 +43,8 @@ class NonceManager:
         self.address = address
         self._backend = backend
         self._owned: dict[int, Hashable] = {}
-        #: Abandoned nonces and the fees of the transaction left pending at each.
-        self._abandoned: dict[int, Fees] = {}
+        #: Abandoned nonces and the transaction last sent at each (it may be pending).
+        self._abandoned: dict[int, SignedTx] = {}
         self._lock = trio.Lock()
 
     @property
@@ -53,7 +53,8 @@ class NonceManager:
 
     @property
     def abandoned(self) -> dict[int, Fees]:
-        return dict(self._abandoned)
+        """Each abandoned nonce, with the fees of the transaction left at it."""
+        return {n: tx.params.fees for n, tx in self._abandoned.items()}
 
     async def send_new(
         self, key: Hashable, build: Callable[[int, Fees | None], SignedTx | None]
@@ -70,15 +71,21 @@ class NonceManager:
             pending = await self._backend.nonce(self.address, "pending")
             nonce = max(pending, max(self._owned, default=-1) + 1)
             for _ in range(8):
+                while nonce in self._owned:
+                    nonce += 1
                 tx = build(nonce, None)
                 assert tx is not None
                 try:
                     await shielded_send(self._backend, tx)
+                except SendUnknown:
+                    self._abandoned[nonce] = tx  # the node may hold it
+                    raise
                 except ChainError as exc:
                     if nonce_too_low(exc):  # someone else used this key meanwhile
                         nonce = max(nonce + 1, await self._backend.nonce(self.address, "pending"))
                         continue
                     raise
+                self._abandoned.pop(nonce, None)  # (forgotten by the node: ours now)
                 self._owned[nonce] = key
                 return tx
             raise ChainError(f"no usable nonce for {self.address.hex()} after 8 tries")
@@ -88,48 +95,110 @@ class NonceManager:
     ) -> SignedTx | None:
         if not self._abandoned:
             return None
-        mined = await self._backend.nonce(self.address, "latest")
-        for nonce in sorted(self._abandoned):
-            if nonce < mined:  # consumed: by the abandoned transaction or another
-                del self._abandoned[nonce]
+        for nonce in await self._unmined_abandoned():
+            if nonce in self._owned:
                 continue
-            tx = build(nonce, self._abandoned[nonce])
+            tx = build(nonce, self._abandoned[nonce].params.fees)
             if tx is None:
                 return None  # cannot outbid it under the fee cap: a fresh nonce then
             try:
                 await shielded_send(self._backend, tx)
+            except SendUnknown:
+                self._abandoned[nonce] = tx  # the node may hold this one now
+                raise
             except ChainError as exc:
                 if nonce_too_low(exc):  # mined just now
                     del self._abandoned[nonce]
                     continue
-                if price_refused(exc):
-                    log.info("nonce %d: the node refused to replace it (%s)", nonce, exc)
-                    return None
-                raise
+                # Refused for its price, or for anything else: a fresh nonce serves this
+                # intent, and the next one tries the takeover again.
+                log.warning("nonce %d: the node refused to take it over (%s)", nonce, exc)
+                return None
             del self._abandoned[nonce]
             self._owned[nonce] = key
             log.info("nonce %d: taken over from an abandoned transaction", nonce)
             return tx
         return None
 
+    async def _unmined_abandoned(self) -> list[int]:
+        """The abandoned nonces the chain has not consumed yet, lowest first (the others
+        are forgotten: mined, by the abandoned transaction or another)."""
+        if not self._abandoned:
+            return []
+        mined = await self._backend.nonce(self.address, "latest")
+        for nonce in [n for n in self._abandoned if n < mined]:
+            del self._abandoned[nonce]
+        return sorted(self._abandoned)
+
+    async def unblock(
+        self, below: int, build_cancel: Callable[[int, Fees], SignedTx | None], base_fee: int
+    ) -> list[SignedTx]:
+        """Cancel the abandoned transactions that hold up nonce ``below`` (an intent in
+        flight there, sent before they were abandoned): at each abandoned nonce under it
+        whose transaction the node no longer has or that ``base_fee`` prices out, send
+        ``build_cancel(nonce, fees of the one there)`` (a transfer of nothing to
+        ourselves, outbidding it).  The cancel stays abandoned until mined.  Returns the
+        cancels sent."""
+        sent: list[SignedTx] = []
+        async with self._lock:
+            for nonce in await self._unmined_abandoned():
+                if nonce >= below or nonce in self._owned:
+                    continue
+                left = self._abandoned[nonce]
+                if left.params.fees.max_fee_per_gas >= base_fee and (
+                    await self._backend.transaction(left.tx_hash) is not None
+                ):
+                    continue  # it can be mined as it is: no need to pay for a cancel
+                tx = build_cancel(nonce, left.params.fees)
+                if tx is None:
+                    continue
+                try:
+                    await shielded_send(self._backend, tx)
+                except SendUnknown:
+                    self._abandoned[nonce] = tx
+                    continue
+                except ChainError as exc:
+                    if nonce_too_low(exc):
+                        del self._abandoned[nonce]
+                    else:
+                        log.warning("nonce %d: cancel refused (%s)", nonce, exc)
+                    continue
+                self._abandoned[nonce] = tx
+                log.info("nonce %d: cancelled (it held up nonce %d)", nonce, below)
+                sent.append(tx)
+        return sent
+
     def release(self, nonce: int, key: Hashable) -> None:
         """``key`` is done with ``nonce``: its transaction is mined (or none is pending)."""
         if self._owned.get(nonce) == key:
             del self._owned[nonce]
 
-    def abandon(self, nonce: int, key: Hashable, fees: Fees) -> None:
-        """``key`` is done with ``nonce`` but its transaction there, sent with ``fees``,
+    def abandon(self, nonce: int, key: Hashable, tx: SignedTx) -> None:
+        """``key`` is done with ``nonce`` but ``tx``, the last transaction it sent there,
         may still be pending: the next intent takes the nonce over."""
         if self._owned.get(nonce) == key:
             del self._owned[nonce]
-            self._abandoned[nonce] = fees
+            self._abandoned[nonce] = tx
+
+
+#: Seconds a send may take before its outcome counts as unknown (``SendUnknown``).
+SEND_TIMEOUT = 10.0
+
+
+class SendUnknown(ChainError):
+    """The node did not answer a send within ``SEND_TIMEOUT``: it may hold the
+    transaction, or not."""
 
 
 async def shielded_send(backend: EthBackend, tx: SignedTx) -> None:
-    """Send ``tx``; a cancellation waits until the node has answered (the RPC timeout
-    bounds it), so that a transaction the node took is always recorded as ours."""
-    with trio.CancelScope(shield=True):
+    """Send ``tx``.  A cancellation waits until the node has answered, so that a
+    transaction the node took is always recorded as ours; for at most ``SEND_TIMEOUT``,
+    then ``SendUnknown`` is raised (and the caller records the transaction as possibly
+    pending)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(SEND_TIMEOUT) as waited:
         await backend.send_raw_transaction(tx.raw)
+    if waited.cancelled_caught:
+        raise SendUnknown(f"no answer to sending {tx.tx_hash.hex()} within {SEND_TIMEOUT}s")
 
 
 def nonce_too_low(exc: ChainError) -> bool:

@@ -50,6 +50,7 @@ from channel.errors import ChainError, FundsAtRiskError, Reverted
 from dispute.eth import CallRequest, EthBackend, Receipt
 from dispute.nonces import (
     NonceManager,
+    SendUnknown,
     already_known,
     nonce_too_low,
     price_refused,
@@ -241,6 +242,7 @@ class Submitter:
         head = await self.backend.block("latest")
         started_at = head.timestamp if intent.started_at is None else intent.started_at
         track: _Track | None = None
+        confirmed = False  # our transaction is mined, with its confirmations
 
         with trio.CancelScope() as backstop:
             try:
@@ -260,13 +262,14 @@ class Submitter:
                     head = await self._wait_new_head(head)
                     outcome, track = await self._step(intent, gas, head, started_at, track)
                     if outcome is not None:
+                        confirmed = track is not None and track.mined is not None
                         return outcome
             finally:
                 if track is not None:
-                    if track.mined is None:  # ours may still be pending at that nonce
-                        self.nonces.abandon(track.nonce, intent.key, track.sent[-1].params.fees)
-                    else:
+                    if confirmed:
                         self.nonces.release(track.nonce, intent.key)
+                    else:  # ours may still be pending there (or be mined again, after a reorg)
+                        self.nonces.abandon(track.nonce, intent.key, track.sent[-1])
         # the backstop fired: the node produced no block we could use before the deadline
         raise DeadlineMissed(
             f"{intent.name}: no block before the deadline {intent.deadline} "
@@ -303,9 +306,11 @@ class Submitter:
 
         if self._too_late(intent, head):
             needed = await intent.still_needed()
-            if await self._canonical_receipt(track) is not None:
+            receipt = await self._canonical_receipt(track)
+            if receipt is not None:
                 # Ours landed at the last moment (while we asked): neither a stand-down
-                # nor a missed deadline; the next head counts its confirmations.
+                # nor a missed deadline; the next heads count its confirmations.
+                track.mined = receipt
                 return None, track
             if not needed:
                 return StoodDown(key=intent.key, reason="window over; chain holds it"), track
@@ -329,6 +334,9 @@ class Submitter:
             base_fee=head.base_fee,
             started_at=started_at,
         )
+        if latest < track.nonce and any(n < track.nonce for n in self.nonces.abandoned):
+            # A transaction abandoned below ours holds it up: cancel it, at our fees.
+            await self.nonces.unblock(track.nonce, self._cancel_builder(wanted), head.base_fee)
         known = await self.backend.transaction(last.tx_hash) is not None
         prev = last.params.fees
         needs_more = (
@@ -409,10 +417,30 @@ class Submitter:
             log.warning("%s: fee cap reached; waiting on the pending transaction", intent.name)
             return track
         tx = build(track.nonce, fees)
-        if await self._broadcast(intent, tx, head, kind):
+        try:
+            accepted = await self._broadcast(intent, tx, head, kind)
+        except SendUnknown:
+            track.sent.append(tx)  # the node may hold it: outbid this one from now on
+            raise
+        if accepted:
             track.sent.append(tx)
             track.sent_head = head.number
         return track
+
+    def _cancel_builder(self, wanted: Fees) -> Callable[[int, Fees], SignedTx | None]:
+        """Builds a cancel: a transfer of nothing to ourselves at ``nonce``, outbidding
+        the transaction there (None when the fee cap does not allow it)."""
+
+        def build(nonce: int, outbid: Fees) -> SignedTx | None:
+            fees = replacement_fees(outbid, wanted, self.schedule.max_fee_cap)
+            if fees is None:
+                return None
+            params = TxParams(
+                chain_id=self.chain_id, nonce=nonce, gas=21_000, fees=fees, to=self.address
+            )
+            return sign(params, self._key)
+
+        return build
 
     async def _broadcast(
         self, intent: Intent, tx: SignedTx, head: Block, kind: AttemptKind

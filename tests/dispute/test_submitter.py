@@ -10,6 +10,7 @@ through the web3 helpers; everything the submitter does goes through
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 
 import attrs
 import pytest
@@ -692,3 +693,47 @@ async def test_a_refute_that_lands_at_the_last_moment_is_reported_as_landed(
     assert out.tx_hash == first.tx_hash
     assert await block_time(backend, out.block_number) < deadline
     assert (await registered(backend, world)).version == 2
+
+
+async def test_an_intent_held_up_by_a_nonce_abandoned_below_it_cancels_that_one(
+    world: World, backend: JsonRpcBackend, dev: DevNodeControl
+) -> None:
+    """A refute in flight at nonce 1 while the intent at nonce 0 is cancelled, and then a
+    base-fee spike prices out (and the node drops) what was left at nonce 0: the refute
+    cannot be mined before nonce 0 is.  The submitter cancels nonce 0 (a transfer of
+    nothing to itself) at the refute's fees, and the refute lands; the abandoned deposit
+    never does."""
+    await dev.set_automine(False)
+    sub = submitter(world, backend, confirmations=1)
+    before = await holdings(backend, world)
+    data = deposit_eth_calldata(world.params.channel_id)
+    first = Intent(key=("deposit", "first"), to=world.adjudicator, data=data, value=1000)
+    refute = refute_intent(world, backend, world.signed(2))
+    bg = Background()
+
+    async def sent(key: object) -> bool:
+        return bool(sub.attempts(key))
+
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(40):
+            async with trio.open_nursery() as doomed:
+                doomed.start_soon(sub.submit, first)
+                await poll_node(partial(sent, first.key))
+                nursery.start_soon(bg.run, sub, refute)
+                await poll_node(partial(sent, refute.key))
+                doomed.cancel_scope.cancel()
+            assert [a.nonce for a in sub.attempts(refute.key)] == [1]
+            assert set(sub.nonces.abandoned) == {0}
+            await dev.set_next_block_base_fee(100 * GWEI)
+            await dev.mine()  # prices both out; the refute is re-priced, the deposit is not
+            nursery.start_soon(mine_forever, dev)
+            await bg.done.wait()
+        nursery.cancel_scope.cancel()
+
+    out = bg.result
+    assert isinstance(out, TxOutcome) and out.success
+    assert (await registered(backend, world)).version == 2
+    (left,) = sub.attempts(first.key)
+    assert await backend.receipt(left.tx_hash) is None
+    assert await holdings(backend, world) == before  # the cancelled deposit never landed
+    assert await backend.nonce(world.tower.address, "latest") == 2  # the cancel and the refute
