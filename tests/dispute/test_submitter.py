@@ -34,7 +34,7 @@ from dispute.abi import (
 )
 from dispute.anvil import Anvil, run_anvil
 from dispute.devnode import DevNodeControl
-from dispute.policy import Fees
+from dispute.policy import DEFAULT_MARGIN, Fees
 from dispute.rpc import JsonRpcBackend
 from dispute.submitter import DeadlineMissed, Intent, StoodDown, Submitter
 from dispute.tx import TxParams, sign
@@ -151,7 +151,13 @@ def refute_intent(
 
 
 def submitter(
-    world: World, backend: JsonRpcBackend, *, confirmations: int, max_fee_cap: int | None = None
+    world: World,
+    backend: JsonRpcBackend,
+    *,
+    confirmations: int,
+    max_fee_cap: int | None = None,
+    stuck_blocks: int = 3,
+    margin: int = DEFAULT_MARGIN,
 ) -> Submitter:
     return Submitter(
         backend,
@@ -160,6 +166,8 @@ def submitter(
         poll_interval=POLL,
         confirmations=confirmations,
         max_fee_cap=max_fee_cap,
+        stuck_blocks=stuck_blocks,
+        margin=margin,
     )
 
 
@@ -599,14 +607,7 @@ async def test_fee_escalation_replaces_a_pending_refute_on_a_live_node(
     base fee unchanged and too few blocks to count as stuck) and the replacement lands.
     A congested block (a rival's gas hog at a higher priority) keeps it out meanwhile."""
     await dev.set_automine(False)
-    sub = Submitter(
-        backend,
-        world.tower,
-        chain_id=world.node.chain_id,
-        poll_interval=POLL,
-        confirmations=1,
-        stuck_blocks=1000,
-    )
+    sub = submitter(world, backend, confirmations=1, stuck_blocks=1000)
     intent = refute_intent(world, backend, world.signed(2))
     bg = Background()
     async with trio.open_nursery() as nursery:
@@ -651,14 +652,7 @@ async def test_a_refute_that_lands_at_the_last_moment_is_reported_as_landed(
     await dev.set_automine(False)
     # A margin of 5 s: the submitter counts on no block within 5 s of the head (on a
     # chain whose blocks come slower), so a head 5 s before the deadline is too late.
-    sub = Submitter(
-        backend,
-        world.tower,
-        chain_id=world.node.chain_id,
-        poll_interval=POLL,
-        confirmations=1,
-        margin=MARGIN,
-    )
+    sub = submitter(world, backend, confirmations=1, margin=MARGIN)
     deadline = world.claimed.deadline
     landed = False
 
