@@ -83,7 +83,12 @@ class Inbound:
         self._not_lone: set[bytes] = set()
 
     def on_connected(self, node_id: bytes) -> None:
-        """A link to ``node_id`` is up: every channel with that peer resyncs."""
+        """A link to ``node_id`` is up: every channel with that peer resyncs.  What an
+        earlier link's reader left half counted (it stopped mid-burst) is forgotten: the
+        machines drop their deferred proposals on the resync too."""
+        self._since_idle.pop(node_id, None)
+        self._not_lone.discard(node_id)
+        self._deferred.pop(node_id, None)
         for ch in self.channels.values():
             if ch.peer_node_id == node_id:
                 self.outbox.emit(node_id, ch.machine.handle(ActionConnected()))
