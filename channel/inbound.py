@@ -124,7 +124,8 @@ class Inbound:
             raise
         except ChannelError as exc:  # whatever the peer sent, it is refused, never fatal
             log.info("from %s: %s", node_id.hex()[:16], exc)
-            self.outbox.add_send(node_id, codec.encode(Error(reason=str(exc)[:200])))
+            reason = f"{type(exc).__name__}: {exc}"[: codec.MAX_REASON]
+            self.outbox.add_send(node_id, codec.encode(Error(reason=reason)))
             return False
         return True
 

@@ -223,8 +223,12 @@ class Links:
                     self.on_idle(node_id)
                 try:
                     frame = await peer.conn.receive()
-                except TransportError as exc:
-                    log.info("peer %s disconnected: %s", node_id.hex()[:16], exc)
+                except (TransportError, OversizeError) as exc:
+                    # EOF, a failed MAC, a truncated or oversized frame: the connection is
+                    # closed; the peer's next link resyncs.
+                    log.info(
+                        "peer %s disconnected: %s: %s", node_id.hex()[:16], type(exc).__name__, exc
+                    )
                     return
             if not self.on_frame(node_id, frame):
                 peer.errors += 1

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
+import cbor2
 import pytest
 import trio
 
-from channel import codec
+from channel import codec, noise
 from channel.client import Client, Update, open_client
-from channel.codec import Propose
+from channel.codec import Propose, Reject
 from channel.eip712 import state_digest
 from channel.errors import LocalProtocolError, PeerTimeout, UpdateRejected
 from channel.keys import HALF_N, SECP256K1_N, Signer, recover
+from channel.noise import ACT_TWO_SIZE, Initiator
 from channel.state import ETH, Params, State
 from channel.store import Store
-from channel.transport import connect
+from channel.transport import Connection, connect
 
 ADJ = b"\xad" * 20
 TOTAL = 1_000_000
@@ -133,11 +137,37 @@ async def test_conservation_violation_by_caller_is_refused_locally(tmp_path: Pat
         await _wait_same(alice, bob, cid)
 
 
-async def _raw_stranger_frames(bob: Client, frames: list[bytes], key: Signer | None = None) -> None:
-    conn = await connect(key or Signer.generate(), bob.peer_address())
-    await conn.send_many(frames)
-    await trio.sleep(0.05)
+def _durable(path: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """Every row of a store's channels and states, read from the file by a second
+    connection: what a restart would load."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        channels = db.execute("SELECT * FROM channels ORDER BY channel_id").fetchall()
+        states = db.execute("SELECT * FROM states ORDER BY channel_id, version").fetchall()
+    finally:
+        db.close()
+    return channels, states
+
+
+async def _refusal(conn: Connection) -> Reject | codec.Error:
+    """The next ``Reject`` or ``Error`` the peer sends (its resync messages skipped)."""
+    with trio.fail_after(5):
+        while True:
+            msg = codec.decode(await conn.receive())
+            if isinstance(msg, Reject | codec.Error):
+                return msg
+
+
+async def _raw_stranger_frames(bob: Client, frames: list[bytes], key: Signer) -> list[str]:
+    """Send ``frames`` to bob one at a time over a connection of ``key``'s own; the
+    reason of each refusal he answers with."""
+    conn = await connect(key, bob.peer_address())
+    reasons = []
+    for frame in frames:
+        await conn.send(frame)
+        reasons.append((await _refusal(conn)).reason)
     await conn.aclose()
+    return reasons
 
 
 async def test_bad_frames_from_a_stranger_change_nothing(tmp_path: Path) -> None:
@@ -163,21 +193,35 @@ async def test_bad_frames_from_a_stranger_change_nothing(tmp_path: Path) -> None
             b"\x83\x01\x18\x63\x00",
             good,
         ]
-        await _raw_stranger_frames(bob, frames, stranger)
+        durable = _durable(tmp_path / "alice.sqlite"), _durable(tmp_path / "bob.sqlite")
+        reasons = await _raw_stranger_frames(bob, frames, stranger)
+        assert [r.split(":")[0] for r in reasons] == ["DecodeError"] * 4 + ["UnknownPeer"]
         assert bob.latest(cid) == before_b and alice.latest(cid) == before_a
+        assert (_durable(tmp_path / "alice.sqlite"), _durable(tmp_path / "bob.sqlite")) == durable
         await alice.pay(cid, ETH, 1)
         await _wait_same(alice, bob, cid)
 
 
-async def test_counterparty_bad_signatures_and_replays_are_refused(tmp_path: Path) -> None:
-    """From the real counterparty key: bad/high-s signature, wrong signer, replayed and
-    rolled-back versions, wrong channel id and a conservation violation are all refused."""
-    async with pair(tmp_path) as (alice, bob, cid):
-        for _ in range(3):
-            await alice.pay(cid, ETH, 1)
+async def test_each_bad_input_from_the_counterparty_is_refused_by_type_and_changes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alice's own key, over a connection of its own (a buggy or malicious alice), sends
+    bob one bad frame at a time and waits for his answer: each is refused with the error
+    type named in the reply, bob's in-memory latest state and every row of his store file
+    stay as they were, and the link stays up.  An oversized and a truncated frame close
+    the link instead.  Then the real alice restarts from her store and pays as usual."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+            cid = await _open(alice, bob, TOTAL, chain_id=31337)
+            for _ in range(3):
+                await alice.pay(cid, ETH, 1)
+            params = alice.params(cid)
         latest = bob.latest(cid)
         assert latest is not None
-        params = alice.params(cid)
+        await bob.drain()
+        durable = _durable(tmp_path / "bob.sqlite")
+        assert durable[1], "the store holds the channel's states"
         v = latest.state.version
         a0 = latest.state.allocations[0]
         nxt = attrs.evolve(
@@ -185,53 +229,107 @@ async def test_counterparty_bad_signatures_and_replays_are_refused(tmp_path: Pat
             version=v + 1,
             allocations=(attrs.evolve(a0, balances=(a0.balances[0] - 1, a0.balances[1] + 1)),),
         )
-        digest = state_digest(params, nxt)
-        good_sig = alice.signer.sign(digest)
+
+        def signed(state: State, p: Params = params) -> bytes:
+            return alice_key.sign(state_digest(p, state))
+
+        good_sig = signed(nxt)
         s = int.from_bytes(good_sig[32:64], "big")
         high_s = good_sig[:32] + (SECP256K1_N - s).to_bytes(32, "big") + bytes([good_sig[64] ^ 1])
         assert SECP256K1_N - s > HALF_N
-        other = Signer.generate().sign(digest)
         minted = attrs.evolve(
             nxt, allocations=(attrs.evolve(a0, balances=(a0.balances[0], a0.balances[1] + 9)),)
         )
+        old = attrs.evolve(latest.state, version=v - 1)
         wrong_cid = attrs.evolve(nxt, channel_id=b"\x01" * 32)
-        old = attrs.evolve(nxt, version=v - 1)
-        bad = [
-            Propose(base_version=v, state=nxt, signature=good_sig[:64] + b"\x05"),
-            Propose(base_version=v, state=nxt, signature=high_s),
-            Propose(base_version=v, state=nxt, signature=other),
-            Propose(
-                base_version=v - 1,
-                state=old,
-                signature=alice.signer.sign(state_digest(params, old)),
+        other_chain = attrs.evolve(params, chain_id=1)
+        other_contract = attrs.evolve(params, adjudicator=b"\xbe" * 20)
+        garbage_types = cbor2.dumps([1, Reject.TYPE, cid, "v9", b"\x00" * 32, "r"], canonical=True)
+
+        def prop(base: int, state: State, sig: bytes) -> bytes:
+            return codec.encode(Propose(base_version=base, state=state, signature=sig))
+
+        cases: list[tuple[str, bytes, str]] = [
+            ("bad v", prop(v, nxt, good_sig[:64] + b"\x05"), "InvalidSignature"),
+            ("high s", prop(v, nxt, high_s), "InvalidSignature"),
+            (
+                "wrong key",
+                prop(v, nxt, Signer.generate().sign(state_digest(params, nxt))),
+                "InvalidSignature",
             ),
-            Propose(
-                base_version=v,
-                state=latest.state,
-                signature=alice.signer.sign(state_digest(params, latest.state)),
+            (
+                "other chain id",
+                prop(v, nxt, signed(nxt, other_chain)),
+                "InvalidSignature",
             ),
-            Propose(
-                base_version=v,
-                state=minted,
-                signature=alice.signer.sign(state_digest(params, minted)),
+            (
+                "other verifying contract",
+                prop(v, nxt, signed(nxt, other_contract)),
+                "InvalidSignature",
             ),
-            Propose(
-                base_version=v,
-                state=wrong_cid,
-                signature=alice.signer.sign(state_digest(params, wrong_cid)),
-            ),
+            ("replayed", prop(v, latest.state, signed(latest.state)), "StaleVersion"),
+            ("rolled back", prop(v - 1, old, signed(old)), "StaleVersion"),
+            ("minted funds", prop(v, minted, signed(minted)), "ConservationError"),
+            ("wrong channel", prop(v, wrong_cid, signed(wrong_cid)), "WrongChannel"),
+            ("malformed CBOR", b"\xff\x00", "DecodeError"),
+            ("unknown type", b"\x83\x01\x18\x63\x00", "DecodeError"),
+            ("trailing bytes", codec.encode(codec.Error(reason="x")) + b"\x00", "DecodeError"),
+            ("wrong field type", garbage_types, "DecodeError"),
         ]
-        # Alice's own key speaks these over a second connection, as a buggy or malicious peer.
-        await _raw_stranger_frames(bob, [codec.encode(m) for m in bad], alice.signer)
-        await trio.sleep(0.05)
-        assert bob.latest(cid) == latest
-        store_b = bob.store.load()[0]
-        assert store_b.latest == latest
-        await alice.connect(bob.peer_address())
-        await _wait_connected(alice, bob)
-        await alice.pay(cid, ETH, 1)
-        await _wait_same(alice, bob, cid)
-        assert bob.latest(cid).state.version == v + 1  # type: ignore[union-attr]
+        conn = await connect(alice_key, bob.peer_address())
+        with trio.fail_after(5):
+            await bob.wait_connected(alice_key.node_id)
+        for label, frame, error in cases:
+            await conn.send(frame)
+            reply = await _refusal(conn)
+            assert reply.reason.startswith(f"{error}: "), (label, reply)
+            if isinstance(reply, Reject):
+                assert reply.version == codec.decode(frame).state.version  # type: ignore[union-attr]
+            assert bob.latest(cid) == latest, label
+            assert _durable(tmp_path / "bob.sqlite") == durable, label
+
+        await conn.aclose()
+
+        # Transport level: the link is closed (the reply to a frame that cannot be read),
+        # and still nothing changes.
+        caplog.set_level(logging.INFO, logger="optichannel")
+        expected = {
+            "oversized": "OversizeError: frame length 2000",
+            "truncated": "TransportError: peer closed the connection mid-frame",
+        }
+        for label, error in expected.items():
+            stream = await trio.open_tcp_stream("127.0.0.1", bob.peer_address().port)
+            initiator = Initiator(alice_key.private_key, bob.node_id)
+            await stream.send_all(initiator.act_one())
+            act_two = b""
+            while len(act_two) < ACT_TWO_SIZE:
+                act_two += await stream.receive_some(ACT_TWO_SIZE - len(act_two))
+            act_three, session = initiator.receive_act_two(act_two)
+            await stream.send_all(act_three)
+            frame = session.encrypt(b"\x00" * 2000)
+            if label == "oversized":
+                # MAX_FRAME is the largest a 2-byte length can say: lower bob's limit.
+                monkeypatch.setattr(noise, "MAX_FRAME", 1000)
+                await stream.send_all(frame)
+            else:
+                await stream.send_all(frame[:-100])
+                await stream.send_eof()
+            with trio.fail_after(5):
+                while await stream.receive_some(65536):  # bob's resync, then his hang-up
+                    pass
+            monkeypatch.undo()
+            await stream.aclose()
+            with trio.fail_after(5):  # bob logs it as his reader ends, maybe after we see EOF
+                while not any(error in r.getMessage() for r in caplog.records):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            assert bob.latest(cid) == latest, label
+            assert _durable(tmp_path / "bob.sqlite") == durable, label
+
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice2:
+            await _wait_connected(alice2, bob)
+            await alice2.pay(cid, ETH, 1)
+            await _wait_same(alice2, bob, cid)
+            assert bob.latest(cid).state.version == v + 1  # type: ignore[union-attr]
 
 
 async def _wait_connected(alice: Client, bob: Client) -> None:
@@ -348,7 +446,9 @@ async def test_open_with_locked_funds_is_refused_and_responder_survives(tmp_path
                 params=params, state=bad, signature=alice_key.sign(state_digest(params, bad))
             )
         )
-        await _raw_stranger_frames(bob, [frame], alice_key)
+        (reason,) = await _raw_stranger_frames(bob, [frame], alice_key)
+        assert reason.startswith("ConservationError: "), reason
+        assert _durable(tmp_path / "bob.sqlite") == ([], [])
         assert bob.channels() == []
         async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
             cid = await alice.open_channel(
@@ -369,7 +469,7 @@ async def test_bad_open_over_a_dialled_link_does_not_bring_the_client_down(
     its dial loop and its other channels keep working."""
     from functools import partial
 
-    from channel.transport import Connection, PeerAddress, serve
+    from channel.transport import PeerAddress, serve
 
     alice_key, mallory_key = Signer.generate(), Signer.generate()  # test-only keys
     params = Params.new(
