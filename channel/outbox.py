@@ -209,6 +209,8 @@ class Outbox:
 
     def emit(self, peer: bytes, outputs: Sequence[Output]) -> None:
         """Queue a machine step's outputs; ``peer`` is where its messages go."""
+        if not outputs:
+            return  # e.g. a proposal held for countersigning: nothing for the flusher
         for out in outputs:
             if isinstance(out, PersistProposal | PersistLatest | PersistDropProposals):
                 self.ops.append(out)
