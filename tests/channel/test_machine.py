@@ -147,12 +147,14 @@ class Link:
         window_b: int = 64,
         balances: tuple[int, int] = (1000, 1000),
         defer: bool = False,
+        keys: tuple[bytes, bytes] = (ALICE_KEY, BOB_KEY),
     ) -> None:
         #: Machines defer countersigning (the client's mode); like the client's reader,
         #: ``deliver`` then sends ActionCountersign once nothing more is queued for it.
         self.defer = defer
-        self.a = Party("alice", 0, Signer.from_bytes(ALICE_KEY))
-        self.b = Party("bob", 1, Signer.from_bytes(BOB_KEY))
+        #: ``keys``: participant 0's and 1's (the default gives participant 0 the lower address)
+        self.a = Party("alice", 0, Signer.from_bytes(keys[0]))
+        self.b = Party("bob", 1, Signer.from_bytes(keys[1]))
         self.params = Params.new(
             chain_id=31337,
             adjudicator=b"\xad" * 20,
@@ -305,6 +307,16 @@ def transfer(tip: State, payer: int, amount: int, asset: bytes = ETH) -> tuple[A
     return tuple(out)
 
 
+def swap_assets(tip: State, amount: int = 5) -> tuple[Allocation, ...]:
+    """Participant 0's ETH turned into as much of the token: the sum over all assets is
+    kept, but ETH's total falls by ``amount`` and the token's rises by as much."""
+    out = []
+    for a in tip.allocations:
+        delta = -amount if a.asset == ETH else amount if a.asset == TOKEN else 0
+        out.append(attrs.evolve(a, balances=(a.balances[0] + delta, a.balances[1])))
+    return tuple(out)
+
+
 def next_state(base: State, version: int, payer: int = 0, amount: int = 1, **kw: Any) -> State:
     return attrs.evolve(base, version=version, allocations=transfer(base, payer, amount), **kw)
 
@@ -407,6 +419,25 @@ def test_conservation_violation_by_caller_raises() -> None:
     assert not link.a.outbox
 
 
+def test_moving_value_between_assets_is_refused_by_the_proposer() -> None:
+    """Conservation holds per asset, not in sum: a caller's update that turns 5 ETH into
+    5 tokens raises LocalProtocolError and has no effect (nothing signed, persisted or
+    sent).  (The responder's side is the "asset-swap" bad case.)"""
+    link = Link()
+    link.open()
+    tip = link.a.m.tip()
+    allocs = swap_assets(tip)
+    assert sum(a.total for a in allocs) == sum(a.total for a in tip.allocations)
+    before = snapshot(link.a.m)
+    outputs_before = len(link.a.outputs)
+    with pytest.raises(LocalProtocolError, match="total"):
+        link.handle(link.a, ActionPropose(update_id=99, allocations=allocs))
+    assert snapshot(link.a.m) == before
+    assert len(link.a.outputs) == outputs_before
+    assert not link.a.outbox
+    assert 1 not in link.a.signed
+
+
 def test_window_full_raises() -> None:
     """With the pipeline window full, another proposal raises LocalProtocolError, no effect."""
     link = Link(window_a=3)
@@ -452,10 +483,13 @@ def _bad_proposals(link: Link) -> dict[str, tuple[Propose, type[Exception]]]:
     honest = forge(link, alice, base.version, good)
     other_params = attrs.evolve(link.params, salt=b"\x00" * 32)
     other_chain = attrs.evolve(link.params, chain_id=1)
+    other_adjudicator = attrs.evolve(link.params, adjudicator=Address(b"\xae" * 20))
     wrong_cid = attrs.evolve(good, channel_id=ChannelId(other_params.channel_id))
     minted = attrs.evolve(
         good, allocations=(attrs.evolve(good.allocations[0], locked=1), *good.allocations[1:])
     )
+    swapped = attrs.evolve(good, allocations=swap_assets(base))
+    assert sum(swapped.totals().values()) == sum(base.totals().values())
     prev_cosigned = link.b.m.latest
     assert prev_cosigned is not None
     return {
@@ -466,6 +500,10 @@ def _bad_proposals(link: Link) -> dict[str, tuple[Propose, type[Exception]]]:
         ),
         "other-chain-id": (
             attrs.evolve(honest, signature=alice.sign(state_digest(other_chain, good))),
+            InvalidSignature,
+        ),
+        "other-adjudicator": (
+            attrs.evolve(honest, signature=alice.sign(state_digest(other_adjudicator, good))),
             InvalidSignature,
         ),
         "high-s": (attrs.evolve(honest, signature=high_s(honest.signature)), InvalidSignature),
@@ -489,6 +527,7 @@ def _bad_proposals(link: Link) -> dict[str, tuple[Propose, type[Exception]]]:
             forge(link, alice, base.version, attrs.evolve(good, allocations=good.allocations[:1])),
             ConservationError,
         ),
+        "asset-swap": (forge(link, alice, base.version, swapped), ConservationError),
     }
 
 
@@ -496,6 +535,7 @@ BAD_CASES = [
     "bad-signature",
     "sig-over-other-state",
     "other-chain-id",
+    "other-adjudicator",
     "high-s",
     "v-0",
     "wrong-key-stranger",
@@ -508,11 +548,12 @@ BAD_CASES = [
     "wrong-channel-id",
     "conservation",
     "asset-dropped",
+    "asset-swap",
 ]
 
 
-def _open_at_v2() -> Link:
-    link = Link()
+def _open_at_v2(defer: bool = False) -> Link:
+    link = Link(defer=defer)
     link.open()
     link.propose(link.a)
     link.deliver_all()
@@ -522,15 +563,22 @@ def _open_at_v2() -> Link:
     return link
 
 
+DEFER = pytest.mark.parametrize("defer", [False, True], ids=["countersign-each", "deferred"])
+
+
+@DEFER
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_responder_rejects_bad_proposal_and_keeps_working(case: str) -> None:
-    """A bad proposal gets a Reject and a typed NotifyProtocolError; state is unchanged; an
-    honest proposal afterwards is accepted."""
-    link = _open_at_v2()
+def test_responder_rejects_bad_proposal_and_keeps_working(case: str, defer: bool) -> None:
+    """A bad proposal gets a Reject and a typed NotifyProtocolError; state is unchanged and
+    nothing is persisted; an honest proposal afterwards is accepted.  With ``defer`` (the
+    client's mode) the link reads the proposal, then sends ActionCountersign as the reader
+    goes idle, and the refusal is the same."""
+    link = _open_at_v2(defer)
     proposal, err_type = _bad_proposals(link)[case]
     before = snapshot(link.b.m)
     outs = link.inject(link.b, proposal)
     assert snapshot(link.b.m) == before
+    assert not link.b.m.deferred
     assert [type(o) for o in outs] == [SendMessage, NotifyProtocolError]
     reject = outs[0].msg
     assert isinstance(reject, Reject)
@@ -538,7 +586,9 @@ def test_responder_rejects_bad_proposal_and_keeps_working(case: str) -> None:
     assert reject.state_hash == state_digest(link.params, proposal.state)
     assert reject.reason.startswith(err_type.__name__)
     assert isinstance(outs[1].error, err_type)
-    assert not any(isinstance(o, PersistLatest | PersistProposal) for o in outs)
+    assert not any(
+        isinstance(o, PersistLatest | PersistProposal | PersistDropProposals) for o in outs
+    )
     # The Reject reaches alice, who never sent that proposal: she ignores it.
     a_before = snapshot(link.a.m)
     assert link.deliver(link.b) == []
@@ -550,10 +600,11 @@ def test_responder_rejects_bad_proposal_and_keeps_working(case: str) -> None:
     assert link.b.m.latest is not None and link.b.m.latest.state.version == 3
 
 
+@DEFER
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_peer_rejections_are_remote_errors(case: str) -> None:
+def test_peer_rejections_are_remote_errors(case: str, defer: bool) -> None:
     """Every refusal of a peer's proposal is a RemoteProtocolError or ConservationError."""
-    link = _open_at_v2()
+    link = _open_at_v2(defer)
     proposal, _ = _bad_proposals(link)[case]
     outs = link.inject(link.b, proposal)
     assert isinstance(outs[1].error, RemoteProtocolError | ConservationError)
@@ -716,6 +767,258 @@ def test_pipelined_proposals_after_conflict_all_dropped() -> None:
     assert link.b.m.latest is not None and link.b.m.latest.state.version == 5
 
 
+# --- who wins a conflict: the lower address ------------------------------------------
+
+#: The lower address is participant 0's, or participant 1's (the two keys swapped); the
+#: second value is the winner's index, checked against the addresses by ``_winner_and_loser``.
+ORDERS = pytest.mark.parametrize(
+    ("keys", "winner_index"),
+    [((ALICE_KEY, BOB_KEY), 0), ((BOB_KEY, ALICE_KEY), 1)],
+    ids=["lower-is-0", "lower-is-1"],
+)
+
+
+def _winner_and_loser(link: Link, winner_index: int) -> tuple[Party, Party]:
+    """The party with the lower address (the winner of a conflict), and the other."""
+    winner = min((link.a, link.b), key=lambda p: p.signer.address)
+    loser = link.other(winner)
+    assert winner.me == winner_index
+    assert not winner.m.should_yield and loser.m.should_yield
+    return winner, loser
+
+
+def _refuse_payments_over(payer: int, limit: int) -> Policy:
+    def policy(params: Params, latest: State, proposed: State) -> str | None:
+        paid = latest.allocation(ETH).balances[payer] - proposed.allocation(ETH).balances[payer]
+        return f"risk limit: {paid} > {limit}" if paid > limit else None
+
+    return policy
+
+
+def _winner_burned_a_version(
+    keys: tuple[bytes, bytes], winner_index: int, defer: bool
+) -> tuple[Link, Party, Party]:
+    """An open channel where the loser's policy refused the winner's v1: the winner has
+    signed (burned) v1, the loser has signed nothing above v0 and never saw v1 signed — so
+    the winner's next proposal is numbered above everything the loser signed."""
+    policy = _refuse_payments_over(winner_index, 5)
+    link = Link(
+        keys=keys,
+        defer=defer,
+        policy_a=policy if winner_index == 1 else None,
+        policy_b=policy if winner_index == 0 else None,
+    )
+    link.open()
+    w, lo = _winner_and_loser(link, winner_index)
+    link.propose(w, amount=10)
+    link.deliver_all()
+    (refused,) = w.of_type(NotifyRejected)
+    assert refused.version == 1 and not refused.retryable
+    assert (w.m.max_signed, lo.m.max_signed, lo.m.peer_max_signed) == (1, 0, 0)
+    assert w.m.latest == lo.m.latest
+    assert lo.m.latest is not None and lo.m.latest.state.version == 0
+    return link, w, lo
+
+
+def _only_proposal(p: Party) -> Propose:
+    (msg,) = p.outbox
+    assert isinstance(msg, Propose)
+    return msg
+
+
+def _retryable_conflicts(p: Party) -> list[int]:
+    """The versions of ``p``'s updates dropped as retryable conflicts, in order."""
+    out = []
+    for n in p.of_type(NotifyRejected):
+        if n.retryable and n.reason.startswith(ProposalConflict.__name__):
+            out.append(n.version)
+    return out
+
+
+def _both_hold(link: Link, state: State) -> None:
+    assert link.a.m.latest == link.b.m.latest
+    assert link.a.m.latest is not None and link.a.m.latest.fully_signed
+    assert link.a.m.latest.state == state
+    assert not link.a.m.pending and not link.b.m.pending
+
+
+def _retry_both(link: Link, w: Party, lo: Party) -> None:
+    """The winner retries first, then the loser (the client's turn-taking); each lands on
+    top of the one before and both end on the same co-signed state."""
+    for p, amount in ((w, 2), (lo, 3)):
+        start = p.m.latest
+        assert start is not None
+        uid = link.next_update_id
+        link.propose(p, amount=amount)
+        link.deliver_all()
+        latest = p.m.latest
+        assert latest is not None
+        assert latest.state.version > start.state.version
+        assert latest.state.allocations == transfer(start.state, p.me, amount)
+        assert [n.signed for n in p.of_type(NotifyAccepted) if n.update_id == uid] == [latest]
+        _both_hold(link, latest.state)
+
+
+@DEFER
+@ORDERS
+def test_the_loser_yields_to_a_crossing_proposal_above_all_it_signed(
+    keys: tuple[bytes, bytes], winner_index: int, defer: bool
+) -> None:
+    """Both propose at once and the lower address wins: the loser countersigns the winner's
+    crossing proposal (it builds on the loser's latest and is numbered above all the loser
+    signed) and drops its own as a retryable conflict; the winner refuses the loser's and
+    keeps its own.  Both then hold the winner's state co-signed; the loser's retry lands on
+    top of it."""
+    link, w, lo = _winner_burned_a_version(keys, winner_index, defer)
+    link.propose(w, amount=2)
+    link.propose(lo, amount=3)
+    win, lose = _only_proposal(w), _only_proposal(lo)
+    assert (win.base_version, win.state.version) == (0, 2)
+    assert (lose.base_version, lose.state.version) == (0, 1)
+    win_uid, lose_uid = w.m.pending[0].update_id, lo.m.pending[0].update_id
+    loser_errors = len(lo.errors())
+
+    outs = link.deliver(w)  # the loser reads the winner's proposal: it yields
+    assert [type(o) for o in outs] == [
+        PersistDropProposals,
+        NotifyRejected,
+        PersistLatest,
+        SendMessage,
+        NotifyReceived,
+    ]
+    dropped = outs[1]
+    assert (dropped.update_id, dropped.version) == (lose_uid, 1)
+    assert dropped.retryable and dropped.reason.startswith(ProposalConflict.__name__)
+    assert isinstance(outs[3].msg, Accept) and outs[3].msg.version == 2
+    assert not lo.m.pending
+    assert lo.m.latest is not None and lo.m.latest.state == win.state
+
+    outs = link.deliver(lo)  # the winner reads the loser's: refused, its own stays in flight
+    assert [type(o) for o in outs] == [SendMessage, NotifyProtocolError]
+    reject = outs[0].msg
+    assert isinstance(reject, Reject) and reject.version == 1
+    assert reject.reason.startswith(ProposalConflict.__name__)
+    assert isinstance(outs[1].error, ProposalConflict)
+    assert [f.proposal for f in w.m.pending] == [win]
+
+    link.deliver_all()  # the loser's Accept reaches the winner; its Reject finds nothing
+    _both_hold(link, win.state)
+    assert link.cosigned == {0: link.initial, 2: win.state}
+    assert [n.signed.state for n in w.of_type(NotifyAccepted) if n.update_id == win_uid] == [
+        win.state
+    ]
+    assert lo.of_type(NotifyRejected) == [dropped]
+    assert not [n for n in lo.of_type(NotifyAccepted) if n.update_id == lose_uid]
+    assert len(lo.errors()) == loser_errors
+    assert lo.signed[1] == lose.state and lo.signed[2] == win.state
+    _retry_both(link, w, lo)
+
+
+@DEFER
+@ORDERS
+def test_a_same_version_crossing_is_refused_by_both_then_retries_land(
+    keys: tuple[bytes, bytes], winner_index: int, defer: bool
+) -> None:
+    """Both propose the same version at once: the loser cannot take the winner's proposal,
+    having signed that version itself (rule S), so each side refuses the other's as a
+    retryable conflict.  Neither is co-signed, both stay on the same latest, each knows the
+    version the other burned, and the retries (the winner's first) land on top."""
+    link = Link(keys=keys, defer=defer)
+    link.open()
+    w, lo = _winner_and_loser(link, winner_index)
+    link.propose(w, amount=2)
+    link.propose(lo, amount=3)
+    win, lose = _only_proposal(w), _only_proposal(lo)
+    assert win.state.version == lose.state.version == 1
+    for src in (w, lo):  # each reads the other's proposal and refuses it
+        before = snapshot(link.other(src).m)
+        outs = link.deliver(src)
+        assert [type(o) for o in outs] == [SendMessage, NotifyProtocolError]
+        assert isinstance(outs[0].msg, Reject)
+        assert outs[0].msg.reason.startswith(ProposalConflict.__name__)
+        assert isinstance(outs[1].error, ProposalConflict)
+        assert snapshot(link.other(src).m) == before
+    link.deliver_all()
+    for p, own in ((w, win), (lo, lose)):
+        assert _retryable_conflicts(p) == [1]
+        assert p.signed[1] == own.state
+        assert (p.m.max_signed, p.m.peer_max_signed) == (1, 1)
+    _both_hold(link, link.initial)
+    assert 1 not in link.cosigned
+    _retry_both(link, w, lo)
+    assert link.a.m.latest is not None and link.a.m.latest.state.version == 3
+
+
+@DEFER
+@ORDERS
+def test_the_loser_refuses_a_crossing_proposal_not_built_on_its_latest(
+    keys: tuple[bytes, bytes], winner_index: int, defer: bool
+) -> None:
+    """The loser yields only to a proposal built on its latest co-signed state: the winner's
+    second pipelined proposal, delivered first by the network, is refused as a retryable
+    ProposalConflict (the loser keeps its own in flight); the first, arriving next, is taken.
+    After the retries both hold the same state."""
+    link, w, lo = _winner_burned_a_version(keys, winner_index, defer)
+    link.propose(w, amount=2)
+    link.propose(w, amount=2)
+    link.propose(lo, amount=3)
+    first, second = w.outbox
+    assert isinstance(first, Propose) and isinstance(second, Propose)
+    assert (first.base_version, first.state.version) == (0, 2)
+    assert (second.base_version, second.state.version) == (2, 3)
+    before = snapshot(lo.m)
+    outs = link.deliver(w, 1)  # reordered: the second one first
+    assert snapshot(lo.m) == before
+    assert [type(o) for o in outs] == [SendMessage, NotifyProtocolError]
+    assert isinstance(outs[0].msg, Reject) and outs[0].msg.version == 3
+    assert outs[0].msg.reason.startswith(ProposalConflict.__name__)
+    assert isinstance(outs[1].error, ProposalConflict)
+    assert 3 not in lo.signed
+    link.deliver(w)  # the first: on the loser's latest, above all it signed
+    assert lo.m.latest is not None and lo.m.latest.state == first.state
+    link.deliver_all()
+    _both_hold(link, first.state)
+    assert _retryable_conflicts(w) == [3]
+    assert _retryable_conflicts(lo) == [1]
+    assert link.cosigned == {0: link.initial, 2: first.state}
+    _retry_both(link, w, lo)
+
+
+@DEFER
+@ORDERS
+def test_the_loser_refuses_a_proposal_colliding_with_a_version_it_signed(
+    keys: tuple[bytes, bytes], winner_index: int, defer: bool
+) -> None:
+    """A proposal built on our latest, at a version we signed ourselves (our crossing
+    proposal, already refused and dropped), is a retryable ProposalConflict: neither taken
+    (rule S) nor called a replay.  Here the winner's Reject overtakes its own proposal."""
+    link = Link(keys=keys, defer=defer)
+    link.open()
+    w, lo = _winner_and_loser(link, winner_index)
+    link.propose(w, amount=2)
+    link.propose(lo, amount=3)
+    win, lose = _only_proposal(w), _only_proposal(lo)
+    link.deliver(lo)  # the winner refuses the loser's v1; its Reject queues behind its v1
+    assert [type(m) for m in w.outbox] == [Propose, Reject]
+    link.deliver(w, 1)  # reordered: the loser reads the Reject first and drops its v1
+    assert not lo.m.pending and lo.m.max_signed == 1
+    assert _retryable_conflicts(lo) == [1]
+    before = snapshot(lo.m)
+    outs = link.deliver(w)  # now the winner's v1, built on the loser's latest v0
+    assert snapshot(lo.m) == before
+    assert [type(o) for o in outs] == [SendMessage, NotifyProtocolError]
+    assert isinstance(outs[0].msg, Reject) and outs[0].msg.version == 1
+    assert outs[0].msg.reason.startswith(ProposalConflict.__name__)
+    assert isinstance(outs[1].error, ProposalConflict)
+    assert lo.signed[1] == lose.state
+    link.deliver_all()
+    assert _retryable_conflicts(w) == [1]
+    assert w.signed[1] == win.state
+    _both_hold(link, link.initial)
+    assert 1 not in link.cosigned
+    _retry_both(link, w, lo)
+
+
 # --- resync ------------------------------------------------------------------------
 
 
@@ -867,7 +1170,16 @@ def _forged_sync(link: Link, mutate: Callable[[SignedState, State], SignedState]
 
 @pytest.mark.parametrize(
     "case",
-    ["bad-sig-0", "bad-sig-1", "missing-sig", "high-s", "wrong-key", "minted", "other-channel"],
+    [
+        "bad-sig-0",
+        "bad-sig-1",
+        "missing-sig",
+        "high-s",
+        "wrong-key",
+        "minted",
+        "asset-swap",
+        "other-channel",
+    ],
 )
 def test_sync_with_forged_newer_state_refused(case: str) -> None:
     """A Sync carrying a newer 'co-signed' state that is not genuinely co-signed (or breaks
@@ -900,11 +1212,18 @@ def test_sync_with_forged_newer_state_refused(case: str) -> None:
             return SignedState(
                 state=bad, signatures=(link.a.signer.sign(bd), link.b.signer.sign(bd))
             )
+        if case == "asset-swap":
+            bad = attrs.evolve(st_, allocations=swap_assets(st_))
+            bd = state_digest(link.params, bad)
+            return SignedState(
+                state=bad, signatures=(link.a.signer.sign(bd), link.b.signer.sign(bd))
+            )
         other = attrs.evolve(st_, channel_id=ChannelId(b"\x00" * 32))
         return attrs.evolve(s, state=other)
 
     expected = {
         "minted": ConservationError,
+        "asset-swap": ConservationError,
         "other-channel": WrongChannel,
     }.get(case, InvalidSignature)
     sync = _forged_sync(link, mutate)
