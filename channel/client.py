@@ -57,6 +57,7 @@ from channel.lane import (
 from channel.limits import PIPELINE_WINDOW, UPDATE_TIMEOUT
 from channel.links import Links
 from channel.machine import (
+    ActionCountersign,
     ActionPropose,
     ChannelMachine,
     NotifyAccepted,
@@ -214,7 +215,8 @@ class Client:
         """Propose ``fn(tip)`` as the next state and return it once co-signed and durable.
 
         ``fn`` gets the state the proposal builds on (the latest co-signed one, or our
-        last in-flight proposal when pipelining) and may be called again if the update
+        last in-flight proposal when pipelining; a proposal of the peer's that awaits our
+        countersignature is countersigned first) and may be called again if the update
         has to be retried after a conflict.  When the pipeline window is full the update
         waits in line, and ``fn`` runs when its turn comes.  Raises ``UpdateRejected``
         (the peer or its policy refused), ``LocalProtocolError`` (``fn`` broke
@@ -281,13 +283,20 @@ class Client:
         """Propose ``w``'s update now; a failure (``fn`` raised, conservation) goes to
         ``w.error`` and wakes its caller."""
         assert w.fn is not None
+        m = ch.machine
+        if m.deferred:
+            # The peer's checked proposals are countersigned first, and ``fn`` sees the
+            # state they reach: computed on the one before, our update would undo them.
+            self._emit(ch.peer_node_id, m.handle(ActionCountersign()))
         try:
-            upd = w.fn(ch.machine.tip())
+            tip = m.tip()
+            upd = w.fn(tip)
             uid = self._new_update_id()
-            outputs = ch.machine.handle(
+            outputs = m.handle(
                 ActionPropose(
                     update_id=uid,
                     allocations=upd.allocations,
+                    base_version=tip.version,
                     app_data=upd.app_data,
                     is_final=upd.is_final,
                 )

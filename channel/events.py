@@ -22,10 +22,14 @@ from channel.state import Allocation, Params, SignedState, State
 
 @attrs.frozen(kw_only=True)
 class ActionPropose:
-    """Our caller wants the next state to hold these allocations."""
+    """Our caller wants the next state to hold these allocations, computed from the state
+    of version ``base_version``: the machine's ``tip()`` when the caller looked.  A
+    proposal whose base is no longer the tip is refused (``LocalProtocolError``), never
+    numbered on top of a state its allocations ignore."""
 
     update_id: int
     allocations: tuple[Allocation, ...]
+    base_version: int
     app_data: bytes = b""
     is_final: bool = False
 

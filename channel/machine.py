@@ -15,7 +15,11 @@ S (safety): a party never signs two different states of one channel with the
 
 Propose: ``version = max_signed + 1`` and ``base_version`` names the state it
   was computed from (the latest co-signed one, or the previous in-flight
-  proposal when pipelining).  Versions therefore go up by exactly one per
+  proposal when pipelining).  ``ActionPropose`` says which state its allocations
+  were computed from, and the machine refuses it unless that is ``tip()`` once
+  the peer's held proposals are countersigned (they go first): numbered on top of
+  a newer state, allocations computed on an older one would undo what came
+  between.  Versions therefore go up by exactly one per
   signed state; a rejected proposal *burns* its version, because the peer
   holds our signature on it and could countersign it later: the next state
   must be strictly newer so that a refute beats it on chain.
@@ -256,9 +260,15 @@ class ChannelMachine:
         return self.latest is not None
 
     def tip(self) -> State:
-        """The state the next proposal builds on: our last in-flight one, else the latest."""
+        """The state the next proposal builds on: our last in-flight one, else the newest
+        proposal of the peer's that is checked and awaits our countersignature (ours is
+        countersigned first), else the latest.  Countersign those first
+        (``ActionCountersign``) to be sure of it: one whose signature then fails is
+        rejected, and the tip moves back."""
         if self.pending:
             return self.pending[-1].proposal.state
+        if self.deferred:
+            return self.deferred[-1][0].state
         if self.latest is None:
             raise LocalProtocolError(f"channel {self.channel_id.hex()[:16]} is not open yet")
         return self.latest.state
@@ -291,14 +301,42 @@ class ChannelMachine:
     # -- local actions ------------------------------------------------------
 
     def _on_propose_action(self, ev: ActionPropose) -> list[Output]:
-        # The peer's checked proposals first: ours builds on them.
-        done = self._on_countersign() if self.deferred else []
-        return [*done, *self._propose(ev)]
+        if not self.deferred:
+            return self._propose(ev)
+        # The peer's checked proposals first: ours builds on them.  Refused before any
+        # countersignature if it was not computed on them; after, the countersignatures
+        # stand whatever becomes of ours (outputs the driver must perform), so a refusal
+        # is a notice, retryable if a bad signature of the peer's moved the tip back.
+        self._check_base(ev)  # nothing is signed yet
+        done = self._on_countersign()
+        try:
+            return [*done, *self._propose(ev)]
+        except LocalProtocolError as exc:
+            moved = ev.base_version != self.tip().version
+            refusal = NotifyRejected(
+                channel_id=self.params.channel_id,
+                update_id=ev.update_id,
+                version=self.tip().version,  # ours got none: nothing was signed
+                reason=f"{REASON_CONFLICT}: {exc}" if moved else str(exc),
+                retryable=moved,
+            )
+            return [*done, refusal]
+
+    def _check_base(self, ev: ActionPropose) -> None:
+        tip = self.tip()
+        if ev.base_version != tip.version:
+            # Numbered on top of the tip, allocations computed from an older state would
+            # undo whatever came between (a payment of the peer's that it saw co-signed).
+            raise LocalProtocolError(
+                f"channel {self.channel_id.hex()[:16]}: the update was computed on "
+                f"v{ev.base_version}, but the next state builds on v{tip.version}"
+            )
 
     def _propose(self, ev: ActionPropose) -> list[Output]:
         tip = self.tip()
         if self.latest is not None and self.latest.state.is_final:
             raise LocalProtocolError(f"channel {self.channel_id.hex()[:16]} is final")
+        self._check_base(ev)
         if tip.is_final:
             raise LocalProtocolError("a final state is already in flight")
         if self.window_full():

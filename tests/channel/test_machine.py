@@ -233,8 +233,11 @@ class Link:
         """``p`` pays ``amount`` of ETH to the peer, on top of its tip."""
         uid = self.next_update_id
         self.next_update_id += 1
-        allocs = transfer(p.m.tip(), p.me, amount)
-        return self.handle(p, ActionPropose(update_id=uid, allocations=allocs, **kw))
+        tip = p.m.tip()
+        allocs = transfer(tip, p.me, amount)
+        return self.handle(
+            p, ActionPropose(update_id=uid, allocations=allocs, base_version=tip.version, **kw)
+        )
 
     def deliver(self, src: Party, index: int = 0) -> list[Output]:
         """Deliver the ``index``-th queued message from ``src`` to its peer (via the codec)."""
@@ -414,9 +417,88 @@ def test_conservation_violation_by_caller_raises() -> None:
     reordered = tuple(reversed(tip.allocations))
     for allocs in (minted, dropped_asset, reordered):
         with pytest.raises(LocalProtocolError):
-            link.a.m.handle(ActionPropose(update_id=99, allocations=allocs))
+            link.a.m.handle(
+                ActionPropose(update_id=99, allocations=allocs, base_version=tip.version)
+            )
         assert snapshot(link.a.m) == before
     assert not link.a.outbox
+
+
+def _hold_bobs_pay(link: Link, amount: int) -> Propose:
+    """Bob pays ``amount``; alice checks his proposal and holds it for countersigning, as
+    the client's reader does until it has handled everything it read."""
+    link.propose(link.b, amount)
+    msg = codec.decode(codec.encode(link.b.outbox.pop(0)))
+    assert isinstance(msg, Propose)
+    assert link.handle(link.a, ReceivePropose(msg)) == []
+    assert link.a.m.deferred
+    return msg
+
+
+def test_an_update_proposed_while_the_peers_awaits_countersignature_builds_on_it() -> None:
+    """A proposal of ours made while the peer's checked proposal awaits our countersignature
+    builds on that proposal: ``tip()`` is its state, and the end state holds both pays.
+    (Computed on the older latest and numbered on top of the peer's, ours undid the
+    peer's pay, which the peer had seen co-signed.)"""
+    link = Link(defer=True)
+    link.open()
+    start = link.initial.allocations[0].balances
+    held = _hold_bobs_pay(link, 4)
+    assert link.a.m.tip() == held.state
+    link.propose(link.a, 7)
+    link.deliver_all()
+    latest = link.a.m.latest
+    assert latest is not None and latest == link.b.m.latest
+    assert latest.state.allocations[0].balances == (start[0] + 4 - 7, start[1] - 4 + 7)
+    assert latest.state.version == held.state.version + 1
+
+
+def test_an_update_computed_on_a_state_that_is_no_longer_the_tip_is_refused() -> None:
+    """An update computed on the latest while the peer's proposal is held is refused with
+    LocalProtocolError before anything is signed: nothing changes, the held proposal is
+    still held, and the channel goes on with the peer's pay in it."""
+    link = Link(defer=True)
+    link.open()
+    _hold_bobs_pay(link, 4)
+    latest = link.a.m.latest
+    assert latest is not None
+    before, held = snapshot(link.a.m), list(link.a.m.deferred)
+    outputs_before = len(link.a.outputs)
+    stale = ActionPropose(
+        update_id=99, allocations=transfer(latest.state, 0, 7), base_version=latest.state.version
+    )
+    with pytest.raises(LocalProtocolError, match="computed on v0"):
+        link.handle(link.a, stale)
+    assert snapshot(link.a.m) == before and link.a.m.deferred == held
+    assert len(link.a.outputs) == outputs_before
+    link.handle(link.a, ActionCountersign())
+    link.deliver_all()
+    assert link.a.m.latest == link.b.m.latest
+    assert link.a.m.latest is not None and link.a.m.latest.state.version == 1
+
+
+def test_a_held_proposal_failing_its_signature_turns_ours_into_a_retryable_notice() -> None:
+    """If the peer's held proposal fails its signature check when ours makes us countersign,
+    it is rejected and the tip moves back: ours, computed on it, is not signed; it comes
+    back as a retryable NotifyRejected (the client computes it again) beside the Reject."""
+    link = Link(defer=True)
+    link.open()
+    held = _hold_bobs_pay(link, 4)
+    link.a.m.deferred.clear()
+    forged = attrs.evolve(held, signature=Signer.generate().sign(b"\x01" * 32))
+    assert link.handle(link.a, ReceivePropose(forged)) == []
+    max_signed = link.a.m.max_signed
+    tip = link.a.m.tip()
+    outs = link.handle(
+        link.a,
+        ActionPropose(update_id=42, allocations=transfer(tip, 0, 7), base_version=tip.version),
+    )
+    assert not any(isinstance(o, PersistProposal) for o in outs)
+    assert link.a.m.max_signed == max_signed and not link.a.m.pending
+    (reject,) = [o.msg for o in outs if isinstance(o, SendMessage)]
+    assert isinstance(reject, Reject) and reject.reason.startswith("InvalidSignature")
+    (notice,) = [o for o in outs if isinstance(o, NotifyRejected)]
+    assert notice.update_id == 42 and notice.retryable
 
 
 def test_moving_value_between_assets_is_refused_by_the_proposer() -> None:
@@ -431,7 +513,9 @@ def test_moving_value_between_assets_is_refused_by_the_proposer() -> None:
     before = snapshot(link.a.m)
     outputs_before = len(link.a.outputs)
     with pytest.raises(LocalProtocolError, match="total"):
-        link.handle(link.a, ActionPropose(update_id=99, allocations=allocs))
+        link.handle(
+            link.a, ActionPropose(update_id=99, allocations=allocs, base_version=tip.version)
+        )
     assert snapshot(link.a.m) == before
     assert len(link.a.outputs) == outputs_before
     assert not link.a.outbox
@@ -1316,7 +1400,10 @@ def test_output_order_checker_catches_violations() -> None:
     """The order checker itself fails on a Send before its Persist (a control)."""
     link = Link()
     link.open()
-    outs = link.a.m.handle(ActionPropose(update_id=5, allocations=transfer(link.a.m.tip(), 0, 1)))
+    tip = link.a.m.tip()
+    outs = link.a.m.handle(
+        ActionPropose(update_id=5, allocations=transfer(tip, 0, 1), base_version=tip.version)
+    )
     with pytest.raises(AssertionError):
         check_output_order(list(reversed(outs)), Durable(latest=0))
 

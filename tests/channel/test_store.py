@@ -144,7 +144,11 @@ def test_machine_outputs_persist_and_resume(path: Path) -> None:
     )
     for uid in (1, 2):
         tip = m.tip()
-        outs = m.handle(ActionPropose(update_id=uid, allocations=pay(tip, 0).allocations))
+        outs = m.handle(
+            ActionPropose(
+                update_id=uid, allocations=pay(tip, 0).allocations, base_version=tip.version
+            )
+        )
         store.apply([o for o in outs if isinstance(o, PersistProposal)])
     store.close()
 
@@ -161,7 +165,10 @@ def test_machine_outputs_persist_and_resume(path: Path) -> None:
     assert m2.latest == m.latest and m2.max_signed == m.max_signed == 2
     assert [p.proposal for p in m2.pending] == [p.proposal for p in m.pending]
     assert m2.sync_messages() == m.sync_messages()
-    outs = m2.handle(ActionPropose(update_id=3, allocations=pay(m2.tip(), 0).allocations))
+    tip = m2.tip()
+    outs = m2.handle(
+        ActionPropose(update_id=3, allocations=pay(tip, 0).allocations, base_version=tip.version)
+    )
     (pp,) = [o for o in outs if isinstance(o, PersistProposal)]
     assert pp.state.version == 3 and pp.base_version == 2
     store.apply([pp])
