@@ -394,7 +394,7 @@ async def test_clean_exit_leaves_exactly_the_reported_latest_in_the_file(tmp_pat
             assert maker2.latest(cid) == reported
 
 
-# -- the bug the many-channel test found ----------------------------------------------
+# -- what the many-channel test found ------------------------------------------------
 
 
 async def test_a_pay_made_while_the_peers_proposal_awaits_countersignature_keeps_it(
@@ -405,14 +405,11 @@ async def test_a_pay_made_while_the_peers_proposal_awaits_countersignature_keeps
     tasks run first) when the maker pays 7.  Both pays return co-signed states, so the
     final state must hold both.
 
-    It does not (a bug): ``Client._propose`` calls ``fn(machine.tip())``, and ``tip()``
-    ignores the deferred proposal, so ``fn`` builds on the latest co-signed state; then
-    ``ChannelMachine._on_propose_action`` countersigns the deferred proposal first and
-    ``_propose`` numbers the maker's proposal on top of it (``base_version`` = the
-    peer's version) with allocations computed from the state before it.  Conservation
-    holds, so the peer accepts, and its co-signed payment is silently reverted.  The
-    reader's idle hook is held here to open that window deterministically; the
-    many-channel test above hits it by itself in some runs."""
+    It once did not: the client computed ``fn`` on the latest co-signed state while the
+    machine then countersigned the held proposal first and numbered the maker's on top
+    of it, so conservation held, the peer accepted, and its co-signed pay was silently
+    undone.  The reader's idle hook is held here to open that window every time; the
+    many-channel test above hit it by itself in some runs."""
     maker_key, peer_key = Signer.generate(), Signer.generate()  # test-only keys
     async with (
         open_client(peer_key, tmp_path / "peer.sqlite", update_timeout=5) as peer,
@@ -440,7 +437,6 @@ async def test_a_pay_made_while_the_peers_proposal_awaits_countersignature_keeps
         assert maker_paid.state.version > theirs.state.version
         assert _balances(maker, cid) == _balances(peer, cid)
         assert _balances(maker, cid) == (EACH + 4 - 7, EACH - 4 + 7), (
-            f"BUG: the peer's pay, co-signed at v{theirs.state.version}, was reverted by "
-            f"the maker's v{maker_paid.state.version}, built on the state before it "
-            "(Client._propose: fn(machine.tip()) while a peer proposal is deferred)"
+            f"the peer's pay, co-signed at v{theirs.state.version}, was undone by the "
+            f"maker's v{maker_paid.state.version}, computed on the state before it"
         )
