@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from channel import codec
@@ -108,6 +108,18 @@ def check_output_order(outputs: list[Output], durable: Durable) -> None:
             durable.check(out)
 
 
+@attrs.frozen
+class Update:
+    """One ``Link.propose``: ``payer`` pays ``amount`` of ETH, the allocations computed on
+    the state with digest ``parent``; ``digest`` is the state it proposed (None if the
+    machine refused it before signing).  Update 0 is the Open (no parent)."""
+
+    payer: int
+    amount: int
+    parent: bytes | None
+    digest: bytes | None = None
+
+
 @attrs.define(repr=False)
 class Party:
     name: str
@@ -170,6 +182,13 @@ class Link:
         #: co-signed states seen anywhere, by version (must be unique)
         self.cosigned: dict[int, State] = {}
         self.next_update_id = 1
+        #: every update proposed through ``start`` and ``propose``, by update id
+        self.updates: dict[int, Update] = {
+            0: Update(0, 0, None, state_digest(self.params, self.initial))
+        }
+        #: how many ``propose`` calls found the proposer holding the peer's checked
+        #: proposals (``deferred``): the case whose update must build on them
+        self.proposed_while_holding = 0
 
     def other(self, p: Party) -> Party:
         return self.b if p is self.a else self.a
@@ -235,12 +254,21 @@ class Link:
         self.next_update_id += 1
         tip = p.m.tip()
         allocs = transfer(tip, p.me, amount)
-        return self.handle(
+        self.proposed_while_holding += bool(p.m.deferred)
+        self.updates[uid] = Update(p.me, amount, state_digest(self.params, tip))
+        outs = self.handle(
             p, ActionPropose(update_id=uid, allocations=allocs, base_version=tip.version, **kw)
         )
+        for o in outs:
+            if isinstance(o, PersistProposal):
+                digest = state_digest(self.params, o.state)
+                self.updates[uid] = attrs.evolve(self.updates[uid], digest=digest)
+        return outs
 
-    def deliver(self, src: Party, index: int = 0) -> list[Output]:
-        """Deliver the ``index``-th queued message from ``src`` to its peer (via the codec)."""
+    def deliver(self, src: Party, index: int = 0, countersign: bool = True) -> list[Output]:
+        """Deliver the ``index``-th queued message from ``src`` to its peer (via the codec).
+        ``countersign=False``: the reader is not idle yet (more input may follow), so
+        proposals it checked stay held even if nothing more is queued."""
         msg = codec.decode(codec.encode(src.outbox.pop(index)))
         dst = self.other(src)
         if isinstance(msg, Open):
@@ -265,7 +293,7 @@ class Link:
             Sync: ReceiveSync,
         }[type(msg)](msg)
         outs = self.handle(dst, event)
-        if self.defer and not src.outbox and dst.m.deferred:
+        if self.defer and countersign and not src.outbox and dst.m.deferred:
             outs = outs + self.handle(dst, ActionCountersign())
         return outs
 
@@ -1578,6 +1606,8 @@ STEPS = st.lists(
         st.tuples(st.just("drop"), st.sampled_from([0, 1]), st.just(0)),
         st.tuples(st.just("reconnect"), st.sampled_from([0, 1]), st.just(0)),
         st.tuples(st.just("countersign"), st.sampled_from([0, 1]), st.just(0)),
+        st.tuples(st.just("read"), st.sampled_from([0, 1]), st.just(0)),
+        st.tuples(st.just("read-pay"), st.sampled_from([0, 1]), st.integers(0, 3)),
     ),
     max_size=60,
 )
@@ -1590,6 +1620,8 @@ HOSTILE_STEPS = st.lists(
         st.tuples(st.just("dup"), st.sampled_from([0, 1]), st.integers(0, 3)),
         st.tuples(st.just("reconnect"), st.sampled_from([0, 1]), st.just(0)),
         st.tuples(st.just("countersign"), st.sampled_from([0, 1]), st.just(0)),
+        st.tuples(st.just("read"), st.sampled_from([0, 1]), st.integers(0, 3)),
+        st.tuples(st.just("read-pay"), st.sampled_from([0, 1]), st.integers(0, 3)),
     ),
     max_size=60,
 )
@@ -1612,17 +1644,37 @@ def _check_invariants(link: Link) -> None:
             assert g.proposal.state.version > f.proposal.state.version
 
 
-def _run_schedule(link: Link, steps: list[tuple[str, int, int]]) -> None:
+def _pay(link: Link, p: Party, amount: int) -> None:
+    """``p`` pays ``amount`` on its ``tip()`` if the machine lets it.  The update id in
+    app_data makes every proposed state distinct, so the accounting can tell which
+    update a state is."""
+    if p.machine is not None:
+        with contextlib.suppress(LocalProtocolError):
+            link.propose(p, amount=amount, app_data=link.next_update_id.to_bytes(4, "big"))
+
+
+def _run_schedule(link: Link, steps: list[tuple[str, int, int]]) -> bool:
+    """Run ``steps``: ``propose`` (``who`` pays ``arg`` on its ``tip()``), ``deliver`` (and
+    countersign, with ``defer``, once nothing more is queued), ``read`` (deliver, the
+    reader not idle yet: a proposal it checks stays held), ``read-pay`` (``who`` reads
+    the peer's next message so, then pays ``arg``: with ``defer``, on top of the peer's
+    proposal it holds), ``countersign``, ``drop``, ``dup``, ``reconnect``; then full
+    syncs until quiet.  Returns whether a ``drop`` lost a ``Sync`` (see
+    ``_check_accounting``)."""
     seen_latest = {0: -1, 1: -1}
+    lost_sync = False
     for kind, who, arg in steps:
         p = link.a if who == 0 else link.b
-        if kind == "propose" and p.machine is not None:
-            with contextlib.suppress(LocalProtocolError):
-                link.propose(p, amount=arg)
-        elif kind == "deliver" and p.outbox:
-            link.deliver(p, min(arg, len(p.outbox) - 1))
+        if kind == "propose":
+            _pay(link, p, arg)
+        elif kind == "read-pay":
+            if link.other(p).outbox:
+                link.deliver(link.other(p), countersign=False)
+            _pay(link, p, arg)
+        elif kind in ("deliver", "read") and p.outbox:
+            link.deliver(p, min(arg, len(p.outbox) - 1), countersign=kind == "deliver")
         elif kind == "drop" and p.outbox:
-            p.outbox.pop(min(arg, len(p.outbox) - 1))
+            lost_sync |= isinstance(p.outbox.pop(min(arg, len(p.outbox) - 1)), Sync)
         elif kind == "dup" and p.outbox:
             p.outbox.insert(0, p.outbox[min(arg, len(p.outbox) - 1)])
         elif kind == "reconnect":
@@ -1639,6 +1691,95 @@ def _run_schedule(link: Link, steps: list[tuple[str, int, int]]) -> None:
     for _ in range(3):
         link.reconnect()
         link.deliver_all()
+    return lost_sync
+
+
+def _check_accounting(link: Link, *, proposers_told_the_truth: bool) -> None:
+    """The final co-signed state holds exactly the updates the parties were told are
+    co-signed, each once: its ETH balances are the initial ones plus those payments.
+    Run once both parties hold the same latest and nothing is pending.
+
+    Which updates a state holds is its lineage: each update records the state its
+    allocations were computed on, so from a state back to the Open its ancestors are
+    the updates whose payments it holds, once each.  "Told" is: ``NotifyAccepted`` for
+    an update (to its proposer), and each co-signed state a party was shown
+    (``NotifyReceived``, ``NotifyAccepted``) with its whole lineage — a responder that
+    countersigns proposals read together (``defer``) is shown the newest only, and it
+    holds the ones before.  So: every update reported accepted, and every state shown
+    co-signed, lies in the final state's lineage (nothing co-signed is undone: the
+    fixed bug numbered a pay computed on the older state on top of a co-signed pay of
+    the peer's, which the final state then lacked); the final state was shown to a
+    party, so nothing is in it that nobody was told of; and so is every state
+    co-signed at any time.
+
+    ``proposers_told_the_truth``: each proposer's own word is exact, too —
+    ``NotifyAccepted`` for its update iff the final state holds it, never
+    ``NotifyRejected`` (a client retries those: it would pay twice).  This needs a link
+    that loses nothing but by disconnecting.  A responder answers a second copy of a
+    proposal it has already countersigned (or holds) with a Reject naming it, and a
+    proposer that still has that proposal in flight when the Reject comes drops it as
+    rejected (with the ones built on it); the next Sync then brings the co-signed state
+    without a notice.  On an order-keeping link a second copy comes only re-sent right
+    after the proposer's Sync, which the responder skips — unless a ``drop`` lost that
+    Sync while the connection went on, as no stream does; on the hostile network a
+    duplicate's Reject can overtake the original's Accept, or a re-sent copy the Sync.
+    Then only the responder's word (the lineage of what it was shown) covers them."""
+    latest = link.a.m.latest
+    assert latest is not None and latest == link.b.m.latest
+    assert not link.a.m.pending and not link.b.m.pending
+    final = latest.state
+    by_digest: dict[bytes, int] = {}
+    for uid, u in link.updates.items():
+        if u.digest is not None:
+            assert by_digest.setdefault(u.digest, uid) == uid, "two updates, one state"
+
+    def lineage(state: State) -> set[int]:
+        out: list[int] = []
+        uid: int | None = by_digest[state_digest(link.params, state)]
+        while uid is not None:
+            assert uid not in out, f"update {uid} twice in the lineage of v{state.version}"
+            out.append(uid)
+            parent = link.updates[uid].parent
+            uid = None if parent is None else by_digest[parent]
+        assert out[-1] == 0, "the lineage ends at the Open"
+        return set(out)
+
+    included = lineage(final)
+    accepted = [n for p in (link.a, link.b) for n in p.of_type(NotifyAccepted)]
+    received = [n for p in (link.a, link.b) for n in p.of_type(NotifyReceived)]
+    told = {n.update_id for n in accepted}
+    for n in accepted + received:
+        told |= lineage(n.signed.state)
+    assert included == told, (
+        f"final v{final.version} holds updates {sorted(included)}, but the parties were told "
+        f"{sorted(told)} are co-signed: missing {sorted(told - included)}, "
+        f"never reported {sorted(included - told)}"
+    )
+    balances = list(link.initial.allocation(ETH).balances)
+    for uid in told:
+        u = link.updates[uid]
+        balances[u.payer] -= u.amount
+        balances[1 - u.payer] += u.amount
+    assert final.allocation(ETH).balances == tuple(balances), (
+        f"final v{final.version} ETH {final.allocation(ETH).balances}, but the updates "
+        f"reported co-signed ({sorted(told)}) make {tuple(balances)}"
+    )
+    assert final.allocation(TOKEN) == link.initial.allocation(TOKEN)
+    for v, state in link.cosigned.items():
+        assert lineage(state) <= included, f"co-signed v{v} is not in the final state"
+    if proposers_told_the_truth:
+        for p in (link.a, link.b):
+            mine = {uid for uid, u in link.updates.items() if u.payer == p.me and uid}
+            ok = {n.update_id for n in p.of_type(NotifyAccepted)} - {0}
+            rejected = {n.update_id for n in p.of_type(NotifyRejected)}
+            assert ok == mine & included, (
+                f"{p.name} was told {sorted(ok)} are co-signed; "
+                f"the final state holds {sorted(mine & included)} of its updates"
+            )
+            assert not rejected & included, (
+                f"{p.name} was told {sorted(rejected & included)} were rejected, "
+                f"but the final state holds them"
+            )
 
 
 def _terminal_notifications(p: Party) -> dict[int, list[Output]]:
@@ -1647,6 +1788,21 @@ def _terminal_notifications(p: Party) -> dict[int, list[Output]]:
         if isinstance(o, NotifyAccepted | NotifyRejected):
             out.setdefault(o.update_id, []).append(o)
     return out
+
+
+def test_schedules_pay_while_holding_the_peers_proposals() -> None:
+    """The schedules reach the case of the fixed bug: alice holds bob's two pipelined pays
+    (deferred: her read is not finished) when she pays on her ``tip()``, his newest; she
+    countersigns it first, hers goes on top, and the accounting finds every pay once."""
+    link = Link(window_a=4, window_b=4, defer=True)
+    link.open()
+    steps = [("propose", 1, 2), ("propose", 1, 3), ("read", 1, 0), ("read-pay", 0, 1)]
+    assert not _run_schedule(link, steps)
+    assert link.proposed_while_holding == 1
+    latest = link.a.m.latest
+    assert latest is not None and latest.state.version == 3
+    assert latest.state.allocation(ETH).balances == (1000 + 5 - 1, 1000 - 5 + 1)
+    _check_accounting(link, proposers_told_the_truth=True)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1659,13 +1815,18 @@ def test_random_schedules_never_fork(
     two different states are co-signed at one version, no party signs two states at one
     version, latest never goes back, each update is settled at most once, and after a final
     full sync both parties hold the same latest and nothing is pending.  With deferred
-    countersigning too (a ``countersign`` step stands for a reader that went idle)."""
+    countersigning too (a ``countersign`` step stands for a reader that went idle; a
+    ``read-pay`` for a pay made while the peer's proposal is held).  And the accounting
+    holds: the final state holds exactly the updates the parties were told are co-signed,
+    each proposer told the truth about its own (``_check_accounting``)."""
     link = Link(window_a=4, window_b=4, defer=defer)
     if start_open:
         link.open()
     else:
         link.start()
-    _run_schedule(link, steps)
+    lost_sync = _run_schedule(link, steps)
+    if link.proposed_while_holding:
+        event("paid while holding the peer's proposal")
     assert link.b.machine is not None
     assert link.a.m.latest is not None
     assert link.a.m.latest == link.b.m.latest
@@ -1674,6 +1835,7 @@ def test_random_schedules_never_fork(
         for uid, notes in _terminal_notifications(p).items():
             assert len(notes) == 1, f"{p.name}: update {uid} settled twice: {notes}"
     assert not [e for e in link.a.errors() + link.b.errors() if isinstance(e, FundsAtRiskError)]
+    _check_accounting(link, proposers_told_the_truth=not lost_sync)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1681,10 +1843,13 @@ def test_random_schedules_never_fork(
 @pytest.mark.parametrize("defer", [False, True], ids=["countersign-each", "deferred"])
 def test_hostile_network_never_forks(steps: list[tuple[str, int, int]], defer: bool) -> None:
     """Even when the network reorders and duplicates messages, no two different states are
-    co-signed at one version, no party signs twice at one version, and a final full sync
-    brings both parties to the same latest."""
+    co-signed at one version, no party signs twice at one version, a final full sync
+    brings both parties to the same latest, and the final state holds exactly the updates
+    either party was told are co-signed (a proposer's own word may be wrong here: see
+    ``_check_accounting``)."""
     link = Link(window_a=4, window_b=4, defer=defer)
     link.open()
     _run_schedule(link, steps)
     assert link.a.m.latest == link.b.m.latest
     assert not [e for e in link.a.errors() + link.b.errors() if isinstance(e, FundsAtRiskError)]
+    _check_accounting(link, proposers_told_the_truth=False)
