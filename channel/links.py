@@ -40,8 +40,10 @@ Pace = Callable[[], Awaitable[None]]
 class Peer:
     """One live connection and its writer task's queue."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, epoch: int) -> None:
         self.conn = conn
+        #: Which link to this peer it is (1, 2, ...): see ``Links.epoch``.
+        self.epoch = epoch
         self.send, self.recv = trio.open_memory_channel[list[bytes]](math.inf)
         self.queued = 0
         self.errors = 0
@@ -69,6 +71,7 @@ class Links:
         self.on_idle = on_idle
         self.timeout = timeout
         self.peers: dict[bytes, Peer] = {}
+        self._epochs: dict[bytes, int] = {}
         self.dialing: set[bytes] = set()
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -79,6 +82,11 @@ class Links:
 
     def is_connected(self, node_id: bytes) -> bool:
         return node_id in self.peers
+
+    def epoch(self, node_id: bytes) -> int:
+        """How many links to ``node_id`` have come up (0: none yet).  A frame is made for
+        the link of its moment and is never sent on a later one (see ``queue``)."""
+        return self._epochs.get(node_id, 0)
 
     async def connect(self, address: PeerAddress) -> None:
         """Connect (and keep redialling if the link drops); return once it is up.
@@ -109,12 +117,18 @@ class Links:
                 self._changed = trio.Event()
             await self._changed.wait()
 
-    def queue(self, node_id: bytes, frames: list[bytes]) -> bool:
-        """Hand ``frames`` to the peer's writer; False if the peer is offline or stalled
-        (then the reconnect ``Sync`` carries everything that matters).  A stalled peer is
-        disconnected (by a task of its own: this never waits)."""
+    def queue(self, node_id: bytes, frames: list[bytes], *, epoch: int) -> bool:
+        """Hand ``frames``, made while link ``epoch`` to the peer was the latest, to the
+        peer's writer; False if the peer is offline or stalled, or if a newer link has
+        come up since (then the reconnect ``Sync`` carries everything that matters).  A
+        stalled peer is disconnected (by a task of its own: this never waits).
+
+        Never on a newer link: a frame made for the old one (say a proposal whose commit
+        outlasted the link) would reach the peer ahead of the new link's ``Sync``, be
+        refused against state the peer dropped on reconnect, and then be countersigned
+        from the re-sent copy: an update reported refused, yet made."""
         p = self.peers.get(node_id)
-        if p is None:
+        if p is None or p.epoch != epoch:
             return False
         if p.queued == 0:
             # The writer has nothing waiting: write on this task, now, rather than wake
@@ -180,7 +194,8 @@ class Links:
         if old is not None:
             await trio.aclose_forcefully(old.conn)
             await old.closed.wait()
-        peer = Peer(conn)
+        self._epochs[node_id] = epoch = self._epochs.get(node_id, 0) + 1
+        peer = Peer(conn, epoch)
         self.peers[node_id] = peer
         self._changed.set()
         try:

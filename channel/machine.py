@@ -523,10 +523,17 @@ class ChannelMachine:
             return [
                 NotifyProtocolError(error=WrongChannel(f"Accept for another channel than {cid}"))
             ]
-        # In-flight versions are consecutive: an Accept names one of them, and accepts
-        # it and every one before it (see "Countersign").
+        # An Accept names one of our in-flight proposals, and accepts it and every one
+        # before it (see "Countersign").  Their versions are usually consecutive, but not
+        # always (a proposal made after learning of higher versions of the peer's skips
+        # ahead): look the version up, never trust the arithmetic alone.
         i = a.version - self.pending[0].proposal.state.version if self.pending else -1
-        if not 0 <= i < len(self.pending):
+        if not (0 <= i < len(self.pending) and self.pending[i].proposal.state.version == a.version):
+            i = next(
+                (k for k, f in enumerate(self.pending) if f.proposal.state.version == a.version),
+                -1,
+            )
+        if i < 0:
             return [
                 NotifyProtocolError(
                     error=StaleVersion(

@@ -198,7 +198,8 @@ class Outbox:
         self.on_note = on_note
         self.on_durable = on_durable
         self.ops: list[StoreOp] = []
-        self.sends: list[tuple[bytes, bytes]] = []
+        #: (peer, the link epoch the frame was made for, frame): see ``Links.queue``.
+        self.sends: list[tuple[bytes, int, bytes]] = []
         self.notes: list[Output] = []
         self.wake = trio.Event()
         self.idle = trio.Event()
@@ -211,11 +212,12 @@ class Outbox:
         """Queue a machine step's outputs; ``peer`` is where its messages go."""
         if not outputs:
             return  # e.g. a proposal held for countersigning: nothing for the flusher
+        epoch = self.links.epoch(peer)
         for out in outputs:
             if isinstance(out, PersistProposal | PersistLatest | PersistDropProposals):
                 self.ops.append(out)
             elif isinstance(out, SendMessage):
-                self.sends.append((peer, codec.encode(out.msg)))
+                self.sends.append((peer, epoch, codec.encode(out.msg)))
             else:
                 self.notes.append(out)
         self.wake.set()
@@ -227,7 +229,7 @@ class Outbox:
 
     def add_send(self, peer: bytes, frame: bytes) -> None:
         """Queue a frame that depends on nothing durable (an ``Error``, a refusal)."""
-        self.sends.append((peer, frame))
+        self.sends.append((peer, self.links.epoch(peer), frame))
         self.wake.set()
 
     async def pace(self) -> None:
@@ -313,7 +315,7 @@ class Outbox:
 
     def _take(
         self,
-    ) -> tuple[list[StoreOp], list[tuple[bytes, bytes]], list[Output]]:
+    ) -> tuple[list[StoreOp], list[tuple[bytes, int, bytes]], list[Output]]:
         taken = self.ops, self.sends, self.notes
         self.ops, self.sends, self.notes = [], [], []
         if taken[0]:
@@ -322,16 +324,17 @@ class Outbox:
         return taken
 
     def _deliver(
-        self, ops: list[StoreOp], sends: list[tuple[bytes, bytes]], notes: list[Output]
+        self, ops: list[StoreOp], sends: list[tuple[bytes, int, bytes]], notes: list[Output]
     ) -> None:
         """After the commit of ``ops``: hand the frames to the peers' writers, then wake
         the callers."""
-        by_peer: dict[bytes, list[bytes]] = {}
-        for peer, frame in sends:
-            by_peer.setdefault(peer, []).append(frame)
-        for node_id, frames in by_peer.items():
-            # Offline or stalled: the reconnect Sync carries everything that matters.
-            self.links.queue(node_id, frames)
+        by_link: dict[tuple[bytes, int], list[bytes]] = {}
+        for peer, epoch, frame in sends:
+            by_link.setdefault((peer, epoch), []).append(frame)
+        for (node_id, epoch), frames in by_link.items():
+            # Offline, stalled or reconnected since: the reconnect Sync carries
+            # everything that matters.
+            self.links.queue(node_id, frames, epoch=epoch)
         for note in notes:
             self.on_note(note)
         for op in ops:

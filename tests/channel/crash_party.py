@@ -149,8 +149,8 @@ async def _flusher_send_before_persist(self: Outbox) -> None:
         self.wake = trio.Event()
         ops, sends, notes = self.ops, self.sends, self.notes
         self.ops, self.sends, self.notes = [], [], []
-        for node_id, frame in sends:
-            self.links.queue(node_id, [frame])
+        for node_id, epoch, frame in sends:
+            self.links.queue(node_id, [frame], epoch=epoch)
         await trio.sleep(0.02)
         if ops:
             await trio.to_thread.run_sync(self.store.apply, ops)

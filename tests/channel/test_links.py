@@ -54,7 +54,7 @@ async def test_queued_frames_arrive_in_order_whether_written_at_once_or_by_the_w
         blob = os.urandom(20_000)
         sent = [i.to_bytes(2, "big") + blob for i in range(200)]
         for i in range(0, 200, 4):
-            assert links.queue(node_id, sent[i : i + 4])
+            assert links.queue(node_id, sent[i : i + 4], epoch=links.epoch(node_id))
         reading.set()
         await all_read.wait()
         assert got == sent
@@ -81,9 +81,38 @@ async def test_a_peer_that_stops_reading_is_dropped_once_its_queue_overflows(
         blob = os.urandom(30_000)
         refused_at = None
         for i in range(1000):
-            if not links.queue(node_id, [blob]):
+            if not links.queue(node_id, [blob], epoch=links.epoch(node_id)):
                 refused_at = i
                 break
         assert refused_at is not None and refused_at > 50
         stop_sleeping.set()  # the peer reads what reached it, then sees the close
         await closed.wait()
+
+
+async def test_frames_made_for_an_earlier_link_are_never_sent_on_a_later_one() -> None:
+    """A frame made while link 1 was up is refused once link 2 has replaced it, and never
+    reaches the peer: the new link's ``Sync`` carries everything, and a stale frame ahead
+    of it would be judged against state the peer dropped on reconnect.  A frame made for
+    the current link goes out."""
+    conns: list[Connection] = []
+    got: list[bytes] = []
+
+    async def handler(conn: Connection) -> None:
+        conns.append(conn)
+        if len(conns) == 1:
+            return  # the server hangs up the first link: the dialler redials
+        while True:
+            got.append(await conn.receive())
+
+    async with linked(handler) as (links, node_id):
+        first = links.epoch(node_id)
+        assert first == 1
+        with trio.fail_after(TEST_DEADLINE):
+            while not (links.epoch(node_id) > first and links.is_connected(node_id)):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert not links.queue(node_id, [b"made for link 1"], epoch=first)
+        assert links.queue(node_id, [b"made for link 2"], epoch=links.epoch(node_id))
+        with trio.fail_after(TEST_DEADLINE):
+            while not got:  # noqa: ASYNC110 - the server task appends
+                await trio.sleep(0.01)
+        assert got == [b"made for link 2"]

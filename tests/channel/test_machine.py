@@ -529,6 +529,26 @@ def test_a_held_proposal_failing_its_signature_turns_ours_into_a_retryable_notic
     assert notice.update_id == 42 and notice.retryable
 
 
+def test_an_accept_for_a_proposal_that_skipped_versions_completes_it() -> None:
+    """In-flight versions need not be consecutive: a proposal made after learning of higher
+    versions of the peer's (its crossing proposals, a Sync) numbers above them.  The
+    peer's one Accept for it (deferred countersigning) completes it and every one before
+    it; the index is looked up by version, not computed from the first one's."""
+    link = Link(defer=True)
+    link.open()
+    link.propose(link.a)
+    link.propose(link.a)
+    link.a.m.peer_max_signed = 10  # as if the peer had signed (burned) v3..v10 meanwhile
+    link.propose(link.a)
+    assert [f.proposal.state.version for f in link.a.m.pending] == [1, 2, 11]
+    link.deliver_all()
+    assert not link.a.m.pending
+    latest = link.a.m.latest
+    assert latest is not None and latest.state.version == 11 and latest == link.b.m.latest
+    accepted = [o.update_id for o in link.a.outputs if isinstance(o, NotifyAccepted)]
+    assert len(accepted) == 4  # the open and the three pays
+
+
 def test_moving_value_between_assets_is_refused_by_the_proposer() -> None:
     """Conservation holds per asset, not in sum: a caller's update that turns 5 ETH into
     5 tokens raises LocalProtocolError and has no effect (nothing signed, persisted or
