@@ -596,11 +596,12 @@ def _check(parties: list[Party], chans: list[Chan], ledger: Ledger) -> None:
 async def test_a_proposal_flushed_across_a_reconnect_is_not_refused_and_then_countersigned(
     tmp_path: Path,
 ) -> None:
-    """The failure the chaos test finds, step by step.  Alice pays 1 (v1) and 2 (v2,
+    """The failure the chaos test found (fixed: ``Links.queue`` now refuses a frame made
+    for an earlier link), step by step.  Alice pays 1 (v1) and 2 (v2,
     pipelined on v1); bob has read v1 but not yet countersigned it (his reader is
     mid-burst); alice's v2 waits for its commit (her store is held, as by a WAL
     checkpoint) while the link drops and comes back.  When the commit returns, the
-    flusher hands v2's frame to the link that is up now, the new one, ahead of the
+    flusher handed v2's frame to the link that is up now, the new one, ahead of the
     ``Sync`` and the re-sent v1, v2 that alice queued on reconnecting.  Bob, who forgot
     v1 on the reconnect, refuses that v2 (``StaleVersion``: built on v1); alice drops v2
     and raises ``UpdateRejected`` to its caller; then bob reads the re-sent v1, v2 and
