@@ -30,24 +30,22 @@ from __future__ import annotations
 import os
 import random
 import re
-import sqlite3
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import attrs
-import cbor2
 import trio
 import trio.lowlevel
+from test_client_many import _file_latest, _in_flight_rows
 
-from channel import codec
 from channel.client import Client, Update, UpdateFn, open_client
 from channel.eip712 import state_digest
 from channel.errors import LocalProtocolError, PeerTimeout, UpdateRejected
 from channel.keys import Signer, recover
 from channel.state import ETH, Allocation, Params, SignedState, State
-from channel.storeplan import COSIGNED, IN_FLIGHT
+from channel.storeplan import COSIGNED
 
 ADJ = b"\xad" * 20
 TOKEN = b"\x70" * 20
@@ -298,37 +296,6 @@ async def pay_forever(
             await trio.lowlevel.checkpoint()
 
 
-# -- reading a store file on the side -------------------------------------------------
-
-
-def _file_view(path: Path) -> tuple[dict[bytes, tuple[int, int, SignedState]], int]:
-    """Each channel's (latest_version, row status, state) in the store file, and the
-    number of in-flight rows, read by a second, read-only connection."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            "SELECT c.channel_id, c.latest_version, s.status, s.state, s.sig0, s.sig1 "
-            "FROM channels c JOIN states s "
-            "ON s.channel_id = c.channel_id AND s.version = c.latest_version"
-        ).fetchall()
-        in_flight = int(
-            db.execute("SELECT count(*) FROM states WHERE status = ?", (IN_FLIGHT,)).fetchone()[0]
-        )
-    finally:
-        db.close()
-    out = {}
-    for cid, version, status, blob, sig0, sig1 in rows:
-        signed = SignedState(
-            state=codec.state_from_wire(cbor2.loads(blob)),
-            signatures=(
-                None if sig0 is None else bytes(sig0),
-                None if sig1 is None else bytes(sig1),
-            ),
-        )
-        out[bytes(cid)] = (version, status, signed)
-    return out, in_flight
-
-
 # -- waiting for the dust to settle ---------------------------------------------------
 
 
@@ -495,17 +462,18 @@ async def _chaos_run(tmp_path: Path, seed: int) -> None:
             for p in parties:
                 assert p.client is not None
                 await p.client.drain()
-                rows, in_flight = _file_view(p.path)
+                rows, in_flight = _file_latest(p.path), _in_flight_rows(p.path)
                 assert in_flight == 0, f"{p.name}: {in_flight} in-flight rows in the file"
                 mine = [
                     ch for ch in chans if p.name in (parties[ch.maker].name, parties[ch.taker].name)
                 ]
                 assert set(rows) == {ch.cid for ch in mine}, p.name
                 for ch in mine:
-                    version, status, signed = rows[ch.cid]
-                    assert status == COSIGNED, (p.name, ch.index)
-                    assert version == signed.state.version, (p.name, ch.index)
-                    assert signed == p.client.latest(ch.cid), (p.name, ch.index)
+                    row = rows[ch.cid]
+                    assert row.status == COSIGNED, (p.name, ch.index)
+                    assert row.signed is not None, (p.name, ch.index)
+                    assert row.latest_version == row.signed.state.version, (p.name, ch.index)
+                    assert row.signed == p.client.latest(ch.cid), (p.name, ch.index)
 
             # Enough happened for this to mean something.
             assert ledger.counts[RETURNED] >= 300, summary
