@@ -571,6 +571,13 @@ async def open_client(
     ``require_funding``: new channels start as ``funding`` and accept no updates until
     ``channel.onchain.fund`` has seen both deposits confirmed on chain."""
     store = Store(store_path, owner=signer.address)
+    try:
+        # Before the first commit: every lock-step commit then writes over WAL blocks
+        # the file has (see Store.warm_wal), from the first update after a start.
+        await trio.to_thread.run_sync(store.warm_wal)
+    except BaseException:
+        store.close()
+        raise
     client = Client(
         signer,
         store,

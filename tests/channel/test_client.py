@@ -21,7 +21,7 @@ from channel.errors import LocalProtocolError, PeerTimeout, UpdateRejected
 from channel.keys import HALF_N, SECP256K1_N, Signer, recover
 from channel.noise import ACT_TWO_SIZE, Initiator
 from channel.state import ETH, Params, State
-from channel.store import Store
+from channel.store import WARM_WAL_BYTES, Store
 from channel.transport import Connection, connect
 
 ADJ = b"\xad" * 20
@@ -76,6 +76,38 @@ async def test_open_pay_and_both_hold_the_same_cosigned_state(tmp_path: Path) ->
         params = alice.params(cid)
         digest = state_digest(params, latest.state)
         assert [recover(digest, s) for s in latest.signatures if s] == list(params.participants)
+
+
+async def test_a_started_client_has_a_warm_wal_and_lock_step_pays_do_not_grow_it(
+    tmp_path: Path,
+) -> None:
+    """open_client gives each store's WAL its blocks before the first commit (after a
+    restart too: a clean close deletes the WAL), so that lock-step commits write over
+    the file instead of growing it (an fsync that grows a file costs twice as much)."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    paths = [tmp_path / "alice.sqlite", tmp_path / "bob.sqlite"]
+    wals = [p.with_name(p.name + "-wal") for p in paths]
+    bob_port = 0
+    for life in range(2):
+        async with (
+            open_client(alice_key, paths[0]) as alice,
+            open_client(bob_key, paths[1], port=bob_port) as bob,
+        ):
+            sizes = [w.stat().st_size for w in wals]
+            assert min(sizes) >= WARM_WAL_BYTES
+            if life == 0:
+                cid = await _open(alice, bob, TOTAL)
+                bob_port = bob.peer_address().port
+            with trio.fail_after(5):
+                await alice.wait_connected(bob_key.node_id)
+            for _ in range(100):
+                await alice.pay(cid, ETH, 1)
+            assert [w.stat().st_size for w in wals] == sizes
+        assert not any(w.exists() for w in wals)
+    store = Store(paths[0], owner=alice_key.address)
+    (rec,) = store.load()
+    store.close()
+    assert rec.latest is not None and rec.latest.state.version == 200
 
 
 async def test_simultaneous_proposals_both_complete(tmp_path: Path) -> None:

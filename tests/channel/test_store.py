@@ -408,6 +408,17 @@ def test_fresh_countersignature_at_a_signed_version_is_refused(path: Path) -> No
     assert contents(store, f.params) == before
 
 
+def _commit_pays(store: Store, f: Fixture, states: list[State], n: int, *, complete: bool) -> None:
+    """Commit ``n`` more pays on top of ``states`` (appended), as a lock-step proposer
+    does: its proposal, then (``complete``) its countersigned completion."""
+    for _ in range(n):
+        v = len(states)
+        states.append(pay(states[-1], v, 0))
+        store.apply([proposal(f.params, v - 1, states[v])])
+        if complete:
+            store.apply([_own(f.params, states[v])])
+
+
 def test_background_checkpoint_copies_the_wal_and_commits_never_do(path: Path) -> None:
     """With checkpoint_in_background, commits leave every page in the WAL (no commit
     pays for a checkpoint); checkpoint() from another thread backfills them all, and a
@@ -416,10 +427,7 @@ def test_background_checkpoint_copies_the_wal_and_commits_never_do(path: Path) -
     store.checkpoint_in_background()
     f = opened(store)
     states = [f.v0]
-    for v in range(1, 401):
-        states.append(pay(states[-1], v, 0))
-        store.apply([proposal(f.params, v - 1, states[v])])
-        store.apply([_own(f.params, states[v])])
+    _commit_pays(store, f, states, 400, complete=True)
     wal = path.with_name(path.name + "-wal")
     db_size = path.stat().st_size
     assert wal.stat().st_size > 1000 * 4096  # past the automatic 1000-page mark
@@ -443,10 +451,7 @@ def test_a_complete_checkpoint_lets_the_wal_start_over(path: Path) -> None:
     states = [f.v0]
 
     def commit_pays(n: int) -> None:
-        for _ in range(n):
-            v = len(states)
-            states.append(pay(states[-1], v, 0))
-            store.apply([proposal(f.params, v - 1, states[v])])
+        _commit_pays(store, f, states, n, complete=False)
 
     commit_pays(50)
     reader = sqlite3.connect(str(path), isolation_level=None)
@@ -465,6 +470,55 @@ def test_a_complete_checkpoint_lets_the_wal_start_over(path: Path) -> None:
     store.close()
     (rec,) = Store(path, owner=ALICE.address).load()
     assert [p.proposal.state.version for p in rec.in_flight] == list(range(1, 251))
+
+
+def test_warm_wal_gives_a_fresh_wal_its_blocks_once_and_commits_write_over_them(
+    path: Path,
+) -> None:
+    """warm_wal grows a fresh WAL to the size asked for in one commit and checkpoints it,
+    so the commits after it write the file over from its start: it does not grow while
+    they fit.  On a WAL that is large enough already it does nothing.  The padding
+    leaves no table behind, and the store holds exactly what was committed."""
+    store = Store(path, owner=ALICE.address)
+    store.checkpoint_in_background()
+    wal = path.with_name(path.name + "-wal")
+    nbytes = 2 * 1024 * 1024
+    assert store.warm_wal(nbytes) is True
+    size = wal.stat().st_size
+    assert size >= nbytes
+    assert store.warm_wal(nbytes) is False
+    assert store.warm_wal(size) is False
+    f = opened(store)
+    states = [f.v0]
+    for v in range(1, 61):  # ~3.3 pages a commit: ~1.6 MB of WAL
+        _commit_pays(store, f, states, 1, complete=True)
+        assert wal.stat().st_size == size, f"the WAL grew at v{v}"
+    tables = {r[0] for r in sqlite3.connect(str(path)).execute("SELECT name FROM sqlite_master")}
+    assert "wal_pad" not in tables
+    store.close()
+    (rec,) = Store(path, owner=ALICE.address).load()
+    assert rec.latest == cosign(f.params, states[60])
+    assert rec.in_flight == ()
+
+
+def test_warm_wal_after_a_crash_keeps_the_committed_wal(path: Path) -> None:
+    """A store reopened over a WAL that a killed process left (not checkpointed) gets its
+    padding after those frames, never over them: everything committed is still there."""
+    store = Store(path, owner=ALICE.address)
+    store.checkpoint_in_background()
+    f = opened(store)
+    _commit_pays(store, f, [f.v0], 30, complete=False)
+    wal = path.with_name(path.name + "-wal")
+    # What a SIGKILL leaves: the WAL and its frames (a clean close would delete it).
+    left = {p: p.read_bytes() for p in (path, wal)}
+    store.close()
+    for p, data in left.items():
+        p.write_bytes(data)
+    reopened = Store(path, owner=ALICE.address)
+    assert reopened.warm_wal(2 * 1024 * 1024) is True
+    (rec,) = reopened.load()
+    assert [p.proposal.state.version for p in rec.in_flight] == list(range(1, 31))
+    reopened.close()
 
 
 def test_completing_a_proposal_settles_our_proposals_below_it(path: Path) -> None:
