@@ -158,7 +158,9 @@ class Client:
         self._listeners.append(fn)
 
     async def connect(self, address: PeerAddress) -> None:
-        """Connect to a peer (and keep reconnecting if the link drops); returns once up."""
+        """Connect to a peer (and keep reconnecting if the link drops); returns once up.
+        Raises ``PeerTimeout`` if no link came up within ``update_timeout`` (the client
+        keeps redialling)."""
         await self.links.connect(address)
 
     async def open_channel(
@@ -173,7 +175,9 @@ class Client:
     ) -> bytes:
         """Open a channel with ``peer`` (a ``PeerAddress``, or the node id of a connected
         peer); ``balances`` are ``(asset, ours, theirs)``.  Returns the channel id once the
-        peer has countersigned version 0.  Raises ``UpdateRejected``, ``PeerTimeout``."""
+        peer has countersigned version 0.  Raises ``UpdateRejected``, ``PeerTimeout`` (no
+        link, or no countersignature, within ``update_timeout``), ``TransportError`` (a
+        node id that is not connected)."""
         if isinstance(peer, PeerAddress):
             await self.connect(peer)
             node_id, addr = peer.node_id, str(peer)
@@ -345,6 +349,10 @@ class Client:
         me = self._channel(channel_id).machine.me
 
         def fn(tip: State) -> Update:
+            if all(a.asset != asset for a in tip.allocations):
+                raise LocalProtocolError(
+                    f"channel {channel_id.hex()[:16]} holds no asset 0x{asset.hex()}"
+                )
             allocs = []
             for a in tip.allocations:
                 if a.asset == asset:
@@ -543,7 +551,17 @@ class Client:
                     self.links.redial(PeerAddress.parse(ch.peer_addr))
             task_status.started()
 
-    async def remember_peer_address(self, channel_id: bytes, address: PeerAddress) -> None:
+    def remember_peer_address(self, channel_id: bytes, address: PeerAddress) -> None:
+        """Where to reach the peer of ``channel_id`` from now on (say, of a channel the
+        peer opened, whose address we never learnt): the next start redials it.  Durable
+        with the next commit (``drain`` waits for it).  Raises ``LocalProtocolError`` for
+        a channel we do not hold or an address of another key than the channel's peer."""
+        lane = self._channel(channel_id)
+        if address.node_id != lane.peer_node_id:
+            raise LocalProtocolError(
+                f"channel {channel_id.hex()[:16]}: {address} is not the channel's peer"
+            )
+        lane.peer_addr = str(address)
         self.outbox.add_op(PersistPeerAddress(channel_id=channel_id, peer_addr=str(address)))
 
     async def drain(self) -> None:

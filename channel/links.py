@@ -16,7 +16,13 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from channel.errors import FundsAtRiskError, LocalProtocolError, OversizeError, TransportError
+from channel.errors import (
+    FundsAtRiskError,
+    LocalProtocolError,
+    OversizeError,
+    PeerTimeout,
+    TransportError,
+)
 from channel.keys import Signer
 from channel.transport import Connection, PeerAddress, connect
 
@@ -91,7 +97,8 @@ class Links:
     async def connect(self, address: PeerAddress) -> None:
         """Connect (and keep redialling if the link drops); return once it is up.
 
-        Raises ``trio.TooSlowError`` after ``timeout`` seconds without a link."""
+        Raises ``PeerTimeout`` after ``timeout`` seconds without a link (the redial loop
+        goes on: a later ``connect`` or ``wait_connected`` sees the link come up)."""
         if address.node_id in self.peers:
             return
         if self._nursery is None:
@@ -101,8 +108,10 @@ class Links:
             # other's connection.
             self.dialing.add(address.node_id)
             self._nursery.start_soon(self._dial_loop, address)
-        with trio.fail_after(self.timeout):
+        with trio.move_on_after(self.timeout):
             await self.wait_connected(address.node_id)
+            return
+        raise PeerTimeout(f"no link to {address} within {self.timeout:g}s; still redialling it")
 
     def redial(self, address: PeerAddress) -> None:
         """Start a redial loop for a known peer (on restart), without waiting."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from channel.keys import HALF_N, SECP256K1_N, Signer, recover
 from channel.noise import ACT_TWO_SIZE, Initiator
 from channel.state import ETH, Params, State
 from channel.store import WARM_WAL_BYTES, Store
-from channel.transport import Connection, connect
+from channel.transport import Connection, PeerAddress, connect
 
 ADJ = b"\xad" * 20
 TOTAL = 1_000_000
@@ -659,3 +660,76 @@ async def test_lockstep_pays_commit_inline_and_pipelined_pays_after_them_share_c
         assert len(commits["bob"]) <= 16, commits["bob"]
         latest = bob.latest(cid)
         assert latest is not None and latest.state.version == 1 + 20 + 256
+
+
+async def test_a_pay_in_an_asset_the_channel_does_not_hold_is_refused(tmp_path: Path) -> None:
+    """Paying an asset the channel holds none of is the caller's mistake: refused before
+    anything is signed, never a co-signed state that moves nothing."""
+    async with pair(tmp_path) as (alice, bob, cid):
+        before = alice.latest(cid)
+        with pytest.raises(LocalProtocolError, match="holds no asset"):
+            await alice.pay(cid, b"\x77" * 20, 1)
+        assert alice.latest(cid) == before == bob.latest(cid)
+        await alice.pay(cid, ETH, 1)
+        latest = alice.latest(cid)
+        assert latest is not None and latest.state.version == 1
+
+
+async def test_connecting_to_an_unreachable_peer_raises_peer_timeout_and_keeps_redialling(
+    tmp_path: Path,
+) -> None:
+    """connect() and open_channel() to an address nothing listens on raise PeerTimeout
+    (a ChannelError) after update_timeout; the client keeps redialling, so the peer is
+    reached once it listens there."""
+    bob_key = Signer.generate()  # test-only key
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = PeerAddress(node_id=bob_key.node_id, host="127.0.0.1", port=port)
+    async with open_client(
+        Signer.generate(), tmp_path / "alice.sqlite", update_timeout=0.3
+    ) as alice:
+        with pytest.raises(PeerTimeout, match="still redialling"):
+            await alice.connect(address)
+        with pytest.raises(PeerTimeout):
+            await alice.open_channel(
+                address, chain_id=1, adjudicator=ADJ, challenge_duration=60, balances=[(ETH, 1, 1)]
+            )
+        assert alice.channels() == []
+        async with open_client(bob_key, tmp_path / "bob.sqlite", port=port) as bob:
+            with trio.fail_after(5):
+                await alice.wait_connected(bob_key.node_id)
+            cid = await _open(alice, bob, 5)
+            await alice.pay(cid, ETH, 2)
+            await _wait_same(alice, bob, cid)
+
+
+async def test_remember_peer_address_is_checked_and_redialled_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """The responder of a channel learns no address for its opener; remember_peer_address
+    records one (refusing an unknown channel or another key's address), and after a
+    restart of both the responder redials the opener there."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    alice_path, bob_path = tmp_path / "alice.sqlite", tmp_path / "bob.sqlite"
+    async with (
+        open_client(alice_key, alice_path) as alice,
+        open_client(bob_key, bob_path) as bob,
+    ):
+        cid = await _open(alice, bob, 10)
+        alice_port = alice.peer_address().port
+        with pytest.raises(LocalProtocolError, match="no channel"):
+            bob.remember_peer_address(b"\x01" * 32, alice.peer_address())
+        with pytest.raises(LocalProtocolError, match="not the channel's peer"):
+            bob.remember_peer_address(cid, bob.peer_address())
+        bob.remember_peer_address(cid, alice.peer_address())
+    # Bob no longer listens, so alice's redials fail: only bob's, to the address he was
+    # given, can bring the link up.
+    async with (
+        open_client(bob_key, bob_path, port=None) as bob,
+        open_client(alice_key, alice_path, port=alice_port) as alice,
+    ):
+        with trio.fail_after(5):
+            await bob.wait_connected(alice_key.node_id)
+        await bob.pay(cid, ETH, 3)
+        await _wait_same(alice, bob, cid)
