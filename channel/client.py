@@ -46,6 +46,8 @@ from channel.lane import (
     CLOSED,
     CLOSING,
     FUNDING,
+    FUNDING_REFUSAL,
+    FUNDING_RETRY,
     OPEN,
     STATUSES,
     YIELD_HOLD,
@@ -265,6 +267,10 @@ class Client:
             result = await self._result(w, channel_id, -1)
             if isinstance(result, NotifyAccepted):
                 return result.signed
+            if FUNDING_REFUSAL in result.reason and trio.current_time() < deadline:
+                # The peer has not seen the deposits confirmed yet (see FUNDING_REFUSAL).
+                await trio.sleep(FUNDING_RETRY)
+                continue
             if not result.retryable:
                 raise UpdateRejected(
                     f"channel {channel_id.hex()[:16]} v{result.version} rejected: {result.reason}",
@@ -386,6 +392,8 @@ class Client:
 
     def _check_incoming(self, params: Params, old: State, new: State) -> str | None:
         ch = self._channels.get(params.channel_id)
+        if ch is not None and ch.status == FUNDING:
+            return FUNDING_REFUSAL
         if ch is not None and ch.status != OPEN:
             return f"channel is {ch.status}"
         if self.user_policy is not None:

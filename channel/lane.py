@@ -32,6 +32,13 @@ from channel.state import Allocation, SignedState, State
 FUNDING, OPEN, CLOSING, CLOSED = "funding", "open", "closing", "closed"
 STATUSES = (FUNDING, OPEN, CLOSING, CLOSED)
 
+#: How a party refuses a proposal on a channel it still waits to see funded on chain.  Each
+#: party's ``channel.onchain.fund`` sees the deposits confirmed at its own poll, so the
+#: peer may lag us by one poll: a proposer refused so retries every ``FUNDING_RETRY`` s
+#: until its ``update_timeout``, instead of failing a pay made right after ``fund``.
+FUNDING_REFUSAL = "channel is funding"
+FUNDING_RETRY = 0.05
+
 #: After a conflict the yielding party waits for this long a gap in the peer's proposals.
 YIELD_QUIET = 0.005
 #: After winning a conflict, the longest a party waits for the peer to take its turn.

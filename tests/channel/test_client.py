@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from channel import codec, noise
-from channel.client import Client, Update, open_client
+from channel.client import FUNDING, OPEN, Client, Update, open_client
 from channel.codec import Propose, Reject
 from channel.eip712 import state_digest
 from channel.errors import LocalProtocolError, PeerTimeout, UpdateRejected
@@ -733,3 +733,49 @@ async def test_remember_peer_address_is_checked_and_redialled_after_a_restart(
             await bob.wait_connected(alice_key.node_id)
         await bob.pay(cid, ETH, 3)
         await _wait_same(alice, bob, cid)
+
+
+async def test_a_pay_made_while_the_peer_still_waits_for_funding_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """Each party's ``onchain.fund`` sees the deposits confirmed at its own poll, so a
+    party may open its side first and pay at once: the peer refuses while it is still
+    ``funding``, and the pay retries until the peer is open instead of failing (within
+    ``update_timeout``; past it, it fails with the funding reason)."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with (
+        open_client(
+            alice_key, tmp_path / "a.sqlite", require_funding=True, update_timeout=2
+        ) as alice,
+        open_client(bob_key, tmp_path / "b.sqlite", require_funding=True) as bob,
+    ):
+        cid = await _open(alice, bob, 100)
+        assert alice.status(cid) == bob.status(cid) == FUNDING
+        alice.set_status(cid, OPEN)
+
+        async def open_bob_later() -> None:
+            await trio.sleep(0.3)
+            latest = alice.latest(cid)
+            assert latest is not None and latest.state.version == 0  # nothing got through
+            bob.set_status(cid, OPEN)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(open_bob_later)
+            t0 = trio.current_time()
+            signed = await alice.pay(cid, ETH, 7)
+            assert trio.current_time() - t0 >= 0.3
+        assert signed.state.allocations[0].balances == (93, 107)
+        await _wait_same(alice, bob, cid)
+
+    async with (
+        open_client(
+            alice_key, tmp_path / "a2.sqlite", require_funding=True, update_timeout=0.5
+        ) as alice,
+        open_client(bob_key, tmp_path / "b2.sqlite", require_funding=True) as bob,
+    ):
+        cid = await _open(alice, bob, 100)
+        alice.set_status(cid, OPEN)
+        with pytest.raises(UpdateRejected, match="channel is funding"):
+            await alice.pay(cid, ETH, 7)
+        latest = alice.latest(cid)
+        assert latest is not None and latest.state.allocations[0].balances == (100, 100)
