@@ -595,7 +595,11 @@ async def open_client(
     to not listen), reconnect to known peers, and close everything cleanly on exit.
 
     ``require_funding``: new channels start as ``funding`` and accept no updates until
-    ``channel.onchain.fund`` has seen both deposits confirmed on chain."""
+    ``channel.onchain.fund`` has seen both deposits confirmed on chain.
+
+    An exception that ends the client (from the block, or ``StoreError`` when the store
+    stops committing) leaves the ``async with`` as itself; several at once leave as one
+    ``BaseExceptionGroup``."""
     store = Store(store_path, owner=signer.address)
     try:
         # Before the first commit: every lock-step commit then writes over WAL blocks
@@ -621,8 +625,24 @@ async def open_client(
                 await client.drain()
             finally:
                 nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The client's nurseries wrap whatever ends it, the block's own exception too:
+        # one exception comes out as itself, so that ``except UpdateRejected`` (or
+        # ``StoreError``) around the block works; several come out as their one group.
+        inner = _unwrap(group)
+        if inner is group:
+            raise
+        raise inner from inner.__cause__
     finally:
         store.close()
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """``exc`` without the groups of one that wrap it: a lone exception, or the group
+    of several."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 __all__ = [

@@ -779,3 +779,27 @@ async def test_a_pay_made_while_the_peer_still_waits_for_funding_waits_for_it(
             await alice.pay(cid, ETH, 7)
         latest = alice.latest(cid)
         assert latest is not None and latest.state.allocations[0].balances == (100, 100)
+
+
+async def test_an_exception_ending_the_client_leaves_open_client_as_itself(
+    tmp_path: Path,
+) -> None:
+    """What the block raises comes out of ``open_client`` as itself (the client's
+    nurseries would wrap it in groups), so that a plain ``except`` matches; two at once
+    stay a group."""
+    with pytest.raises(UpdateRejected, match="too risky"):
+        async with open_client(Signer.generate(), tmp_path / "a.sqlite"):
+            raise UpdateRejected("too risky", reason="too risky")
+    with pytest.raises(PeerTimeout):
+        async with open_client(Signer.generate(), tmp_path / "b.sqlite", update_timeout=0.2) as c:
+            await c.connect(
+                PeerAddress(node_id=Signer.generate().node_id, host="127.0.0.1", port=1)
+            )
+    with pytest.RaisesGroup(KeyError, ValueError):
+        async with open_client(Signer.generate(), tmp_path / "c.sqlite"), trio.open_nursery() as n:
+
+            async def fail(exc: Exception) -> None:
+                raise exc
+
+            n.start_soon(fail, KeyError("k"))
+            n.start_soon(fail, ValueError("v"))

@@ -98,9 +98,7 @@ async def test_a_store_that_stops_committing_stops_its_client_and_loses_nothing(
     async with open_client(peer_key, tmp_path / "peer.sqlite", update_timeout=2) as peer:
         rec = Recorder(peer, key.address)
         fault: FailingCommits | None = None
-        with pytest.RaisesGroup(
-            pytest.RaisesExc(StoreError, match="disk is full"), flatten_subgroups=True
-        ):
+        with pytest.raises(StoreError, match="disk is full"):  # as itself, not in a group
             async with open_client(key, path, update_timeout=2) as client:
                 cid = await client.open_channel(
                     peer.peer_address(),
