@@ -264,36 +264,14 @@ WARM_WAL_BYTES = 4 << 20
 
 
 def _commit_probe(directory: str, commits: int, *, warm: bool) -> list[float]:
-    import sqlite3
-
     path = os.path.join(directory, f"commit-probe-{time.monotonic_ns()}.sqlite")
-    db = sqlite3.connect(path, isolation_level=None)
+    db, key = probe_db(path, warm=warm)
+    times = []
     try:
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA wal_autocheckpoint=0")
-        db.execute("PRAGMA journal_size_limit=-1")
-        db.execute(
-            "CREATE TABLE s (k BLOB, v INTEGER, body BLOB, PRIMARY KEY (k, v)) WITHOUT ROWID"
-        )
-        db.execute("CREATE TABLE c (k BLOB PRIMARY KEY, latest INTEGER) WITHOUT ROWID")
-        key = os.urandom(32)
-        db.execute("INSERT INTO c VALUES (?, 0)", (key,))
-        if warm:
-            db.execute("CREATE TABLE pad (b BLOB)")
-            db.execute("BEGIN IMMEDIATE")
-            for _ in range(WARM_WAL_BYTES // 4000):
-                db.execute("INSERT INTO pad VALUES (?)", (os.urandom(3900),))
-            db.execute("COMMIT")
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        times = []
         for v in range(1, commits + 1):
             body = os.urandom(450)
             t = time.perf_counter()
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT INTO s VALUES (?, ?, ?)", (key, v, body))
-            db.execute("UPDATE c SET latest = ? WHERE k = ?", (v, key))
-            db.execute("COMMIT")
+            probe_commit(db, key, v, body)
             times.append((time.perf_counter() - t) * 1000)
             if warm and v % 200 == 0:
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -303,3 +281,39 @@ def _commit_probe(directory: str, commits: int, *, warm: bool) -> list[float]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path + suffix)
     return times
+
+
+def probe_db(path: str, *, warm: bool) -> tuple[Any, bytes]:
+    """A bare WAL database (``synchronous=FULL``) for timed commits: ``(connection,
+    key)``; ``warm`` grows its WAL to ``WARM_WAL_BYTES`` first and checkpoints it, so
+    that commits write over blocks the file has.  Checkpoint it every few hundred
+    commits to keep it so."""
+    import sqlite3
+
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("PRAGMA journal_size_limit=-1")
+    db.execute("CREATE TABLE s (k BLOB, v INTEGER, body BLOB, PRIMARY KEY (k, v)) WITHOUT ROWID")
+    db.execute("CREATE TABLE c (k BLOB PRIMARY KEY, latest INTEGER) WITHOUT ROWID")
+    key = os.urandom(32)
+    db.execute("INSERT INTO c VALUES (?, 0)", (key,))
+    if warm:
+        db.execute("CREATE TABLE pad (b BLOB)")
+        db.execute("BEGIN IMMEDIATE")
+        for _ in range(WARM_WAL_BYTES // 4000):
+            db.execute("INSERT INTO pad VALUES (?)", (os.urandom(3900),))
+        db.execute("COMMIT")
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    return db, key
+
+
+def probe_commit(db: Any, key: bytes, v: int, *bodies: bytes) -> None:
+    """One durable commit: a row per body (versions v, v+1, ...) and the latest updated:
+    what a lock-step update's commit writes (a ~450-byte state with its signatures)."""
+    db.execute("BEGIN IMMEDIATE")
+    for i, body in enumerate(bodies):
+        db.execute("INSERT INTO s VALUES (?, ?, ?)", (key, v + i, body))
+    db.execute("UPDATE c SET latest = ? WHERE k = ?", (v + len(bodies) - 1, key))
+    db.execute("COMMIT")

@@ -1,0 +1,300 @@
+"""The lock-step floor of two signing orders, measured; JSON on the last line.
+
+    .venv/bin/python benchmarks/lockstep_orders.py [--quick] [--pays N]
+
+Two spawned processes over plain loopback TCP and no client code: each update is
+built, hashed (EIP-712), signed and checked with ``channel.state``/``eip712``/``keys``
+as the client does, encoded with cbor2, and every durable point is a real SQLite commit
+(WAL, ``synchronous=FULL``, warm WAL) of the state and its signatures in that party's
+own file.  So each figure is what no implementation of that order can beat on this
+machine, the way ``updates.py``'s ``lockstep_floor_ms`` is, but measured end to end
+instead of added up.
+
+``proposer_first`` (DESIGN §4, what the client does)
+    The proposer signs and commits before its proposal leaves; the responder verifies,
+    signs, commits and answers; the proposer verifies and commits the countersignature.
+    Three commits in sequence.
+``responder_first``
+    The proposal leaves unsigned; the responder signs, commits and answers; the proposer
+    verifies, signs and commits, and the update is done: co-signed and durable at the
+    proposer.  Its signature then goes to the responder (``Confirm``), who commits it
+    with its next commit, or alone once its socket has been idle for 1 ms.  Two commits
+    in sequence.
+
+Both keep the rule that no signature leaves a process before the state it signs is
+durable there.  The orders alternate in rounds in the same pair of processes.  Each
+party checkpoints its WAL inline every 300 rows (a few ms): p99 shows those stalls,
+which the client takes off the commit path; p50 and p90 are the floors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import (
+    ADJUDICATOR,
+    BALANCES,
+    CHAIN_ID,
+    log,
+    machine_info,
+    percentile,
+    probe_commit,
+    probe_db,
+    run_trio,
+    sqlite_commit_times,
+    wait_result,
+)
+from updates import _frame, _frames
+
+ORDERS = ("proposer_first", "responder_first")
+ROUNDS = 4
+#: Confirms the responder holds back waits at most this long for a commit to join.
+CONFIRM_IDLE_S = 0.001
+CHECKPOINT_EVERY = 300
+
+
+class _Party:
+    """One side's signer, durable file and socket reader."""
+
+    def __init__(self, secret: bytes, path: str) -> None:
+        from channel.keys import Signer
+
+        self.signer = Signer.from_bytes(secret)
+        self.db, self.key = probe_db(path, warm=True)
+        self.rows = 0
+        self.buf = bytearray()
+        self.frames: list[bytes] = []
+
+    def commit(self, *bodies: bytes) -> None:
+        probe_commit(self.db, self.key, self.rows + 1, *bodies)
+        self.rows += len(bodies)
+        if self.rows % CHECKPOINT_EVERY < len(bodies):
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    async def receive(self, stream: Any, idle: float | None = None) -> list[Any] | None:
+        """The next message, or None if the socket stayed ``idle`` seconds without data
+        first, or the peer closed."""
+        import cbor2
+        import trio
+
+        while not self.frames:
+            data = b""
+            with trio.move_on_after(float("inf") if idle is None else idle):
+                data = await stream.receive_some(65536)
+            if not data:
+                return None
+            self.buf += data
+            self.frames = _frames(self.buf)
+        msg: list[Any] = cbor2.loads(self.frames.pop(0))
+        return msg
+
+
+def responder_main(secret: bytes, proposer: bytes, path: str, parent: Any) -> None:
+    import cbor2
+    import trio
+
+    from channel import codec
+    from channel.eip712 import state_digest
+    from channel.keys import recover
+
+    me = _Party(secret, path)
+
+    async def handle(stream: trio.SocketStream) -> None:
+        params = None
+        held: list[bytes] = []  # confirmed states waiting to join a commit
+        digests: dict[int, tuple[bytes, bytes]] = {}
+        while True:
+            msg = await me.receive(stream, CONFIRM_IDLE_S if held else None)
+            if msg is None:
+                if not held:
+                    return
+                me.commit(*held)
+                held = []
+                continue
+            kind = msg[0]
+            if kind == "params":
+                params = codec.params_from_wire(msg[1])
+                continue
+            assert params is not None
+            if kind == "P":
+                _, v, wire, sig = msg
+                state = codec.state_from_wire(wire)
+                digest = state_digest(params, state)
+                blob = cbor2.dumps(wire, canonical=True)
+                if sig is not None and recover(digest, sig) != proposer:
+                    raise RuntimeError("bad proposal signature")
+                mine = me.signer.sign(digest)
+                me.commit(*held, blob + (sig or b"") + mine)
+                held = []
+                digests[v] = (digest, blob + mine)
+                await stream.send_all(_frame(cbor2.dumps(["A", v, mine])))
+            elif kind == "C":
+                _, v, sig = msg
+                digest, row = digests.pop(v)
+                if recover(digest, sig) != proposer:
+                    raise RuntimeError("bad confirm signature")
+                held.append(row + sig)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, handle, 0)
+            parent.send(listeners[0].socket.getsockname()[1])
+
+    run_trio(main)
+
+
+def proposer_main(
+    secret: bytes, responder: bytes, path: str, port: int, pays: int, parent: Any
+) -> None:
+    import cbor2
+    import trio
+
+    from channel import codec
+    from channel.eip712 import state_digest
+    from channel.keys import recover
+    from channel.state import Allocation, Params, State
+
+    me = _Party(secret, path)
+    params = Params.new(
+        chain_id=CHAIN_ID,
+        adjudicator=ADJUDICATOR,
+        participants=(me.signer.address, responder),
+        challenge_duration=3600,
+    )
+    state0 = State.initial(params, BALANCES)
+    version = 0
+
+    def next_state() -> State:
+        nonlocal version
+        version += 1
+        a0 = state0.allocations[0]
+        moved = Allocation(
+            asset=a0.asset, balances=(a0.balances[0] - version, a0.balances[1] + version)
+        )
+        return State(
+            channel_id=params.channel_id,
+            version=version,
+            allocations=(moved, *state0.allocations[1:]),
+        )
+
+    async def accept(stream: trio.SocketStream, v: int, digest: bytes) -> bytes:
+        msg = await me.receive(stream)
+        assert msg is not None and msg[0] == "A" and msg[1] == v
+        if recover(digest, msg[2]) != responder:
+            raise RuntimeError("bad countersignature")
+        sig: bytes = msg[2]
+        return sig
+
+    async def proposer_first(stream: trio.SocketStream) -> float:
+        t = time.perf_counter()
+        state = next_state()
+        wire = codec.state_to_wire(state)
+        digest = state_digest(params, state)
+        sig = me.signer.sign(digest)
+        blob = cbor2.dumps(wire, canonical=True)
+        me.commit(blob + sig)
+        await stream.send_all(_frame(cbor2.dumps(["P", state.version, wire, sig])))
+        theirs = await accept(stream, state.version, digest)
+        me.commit(blob + sig + theirs)
+        return time.perf_counter() - t
+
+    async def responder_first(stream: trio.SocketStream) -> float:
+        t = time.perf_counter()
+        state = next_state()
+        wire = codec.state_to_wire(state)
+        digest = state_digest(params, state)
+        await stream.send_all(_frame(cbor2.dumps(["P", state.version, wire, None])))
+        blob = cbor2.dumps(wire, canonical=True)
+        theirs = await accept(stream, state.version, digest)
+        sig = me.signer.sign(digest)
+        me.commit(blob + theirs + sig)
+        done = time.perf_counter() - t
+        await stream.send_all(_frame(cbor2.dumps(["C", state.version, sig])))
+        return done
+
+    async def main() -> dict[str, list[float]]:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(_frame(cbor2.dumps(["params", codec.params_to_wire(params)])))
+        runs = {"proposer_first": proposer_first, "responder_first": responder_first}
+        lat: dict[str, list[float]] = {o: [] for o in ORDERS}
+        for o in ORDERS:  # warm-up
+            for _ in range(100):
+                await runs[o](stream)
+        for r in range(ROUNDS):
+            for o in ORDERS if r % 2 == 0 else ORDERS[::-1]:
+                for _ in range(pays // ROUNDS):
+                    lat[o].append(await runs[o](stream))
+        await stream.aclose()
+        return lat
+
+    parent.send(run_trio(main))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller run (< 60 s)")
+    ap.add_argument("--pays", type=int, help="lock-step updates per order (default 4000)")
+    args = ap.parse_args()
+    pays = args.pays or (1000 if args.quick else 4000)
+    from channel.keys import Signer
+
+    t0 = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    a, b = Signer.generate(), Signer.generate()
+    with tempfile.TemporaryDirectory(prefix="optichannel-orders-") as tmp:
+        log(f"lock-step, {pays} updates per order, in {ROUNDS} alternating rounds")
+        r_parent, r_child = ctx.Pipe()
+        p_parent, p_child = ctx.Pipe()
+        resp = ctx.Process(
+            target=responder_main,
+            args=(b.secret_bytes(), a.address, os.path.join(tmp, "r.sqlite"), r_child),
+        )
+        resp.start()
+        prop: Any = None
+        try:
+            port = wait_result(r_parent, resp, 30, "responder")
+            prop = ctx.Process(
+                target=proposer_main,
+                args=(
+                    a.secret_bytes(),
+                    b.address,
+                    os.path.join(tmp, "p.sqlite"),
+                    port,
+                    pays,
+                    p_child,
+                ),
+            )
+            prop.start()
+            lat = wait_result(p_parent, prop, 600, "proposer")
+        finally:
+            for p in (prop, resp):
+                if p is not None and p.is_alive():
+                    p.terminate()
+                    p.join(10)
+        commits = sqlite_commit_times(tmp, 300)
+    out: dict[str, Any] = {"benchmark": "lockstep_orders", "quick": args.quick, "pays": pays}
+    for o in ORDERS:
+        ms = [x * 1000 for x in lat[o]]
+        out[f"{o}_p50_ms"] = round(percentile(ms, 50), 3)
+        out[f"{o}_p90_ms"] = round(percentile(ms, 90), 3)
+        out[f"{o}_p99_ms"] = round(percentile(ms, 99), 3)
+        log(f"  {o}: p50 {out[f'{o}_p50_ms']} ms, p90 {out[f'{o}_p90_ms']} ms")
+    out["sqlite_commit_ms"] = round(percentile(commits, 50), 3)
+    out["seconds_total"] = round(time.perf_counter() - t0, 1)
+    out["machine"] = machine_info()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
