@@ -8,22 +8,31 @@ never from argv.
 
 It talks to its parent over stdio, one JSON object per line:
 
-stdout (flushed per line)
+stdout (one ``write`` per line)
   ``{"ev": "up", "port": P}``       the client runs (store loaded, listening/dialing)
   ``{"ev": "ready", ...}``          the channel is open and the peer is connected
   ``{"ev": "latest", ...}``         answer to ``latest``
   ``{"ev": "stopped", ...}``        answer to ``stop``: no pay of ours is running
+  ``{"ev": "pay", "id": I, "amount": A}``  written before each ``client.pay``
+  ``{"ev": "paid", "id": I}``       that pay returned a co-signed state
+  ``{"ev": "refused", "id": I, "error": T, "reason": R}``  it raised ``T``: not made
+  ``{"ev": "unknown", "id": I}``    its outcome is settled on reconnect, either way
 stdin
-  ``go N``      start N concurrent pay loops (pipelined updates to the peer)
+  ``go N``      start N concurrent pay loops (pipelined updates to the peer, in TOKEN)
   ``stop``      let the pay loops finish their current update and end
   ``latest``    report the latest co-signed state and what is in flight
   ``exit``      shut down cleanly
 
 The process is meant to be SIGKILLed at any moment; it never cleans up on its own.
+A pay whose ``pay`` line has no outcome line when the process died is of unknown
+outcome; pay ids (``PID.N``) are unique across restarts.
 
 ``CRASH_PARTY_FAULT=send-before-persist`` (TEST-ONLY) breaks the client's
 persist-then-send rule on purpose, so the crash test can show that its checks
 catch a party that signs and sends before its store has the state.
+``CRASH_PARTY_FAULT=pay-twice`` (TEST-ONLY) makes every pay twice, reported once, and
+``CRASH_PARTY_FAULT=pay-unmade`` reports every pay made without proposing anything:
+the crash test's accounting of the pays catches both.
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ import argparse
 import json
 import os
 import random
+import select
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -43,11 +54,11 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 from channel.client import Client, open_client
 from channel.eip712 import state_digest
-from channel.errors import ChannelError
+from channel.errors import LocalProtocolError, PeerTimeout, UpdateRejected
 from channel.keys import Signer
 from channel.machine import PersistLatest
 from channel.outbox import Outbox
-from channel.state import ETH
+from channel.state import ETH, SignedState
 from channel.transport import PeerAddress
 
 SECRET_ENV = "CRASH_PARTY_SECRET"
@@ -55,13 +66,25 @@ FAULT_ENV = "CRASH_PARTY_FAULT"
 TOKEN = bytes.fromhex("00000000000000000000000000000000000000a1")
 ADJUDICATOR = bytes.fromhex("00000000000000000000000000000000000000ad")
 CHAIN_ID = 31337
-#: Initial balances (asset, opener, responder); every pay is tiny next to them.
+#: Initial balances (asset, opener, responder); every pay is tiny next to them.  The
+#: opener column is the victim's whichever side opens, and only the victim pays TOKEN: a
+#: run's few thousand pays of at most MAX_AMOUNT never come near 10**9.
 BALANCES = ((ETH, 10**12, 10**12), (TOKEN, 10**9, 10**9))
+MAX_AMOUNT = 1000
 UPDATE_TIMEOUT = 3.0
+
+#: How a pay ended, as its caller saw it (the outcome lines on stdout).
+PAID, REFUSED, UNKNOWN = "paid", "refused", "unknown"
+#: ``report(outcome, error type, reason)``: called once per pay, however it ended.
+Report = Callable[[str, str, str], None]
 
 
 def emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
+    """Write one line on stdout, in one ``write``: a SIGKILL cannot cut it short (``print``
+    writes the newline apart when ``PYTHONUNBUFFERED`` is set)."""
+    line = (json.dumps(fields) + "\n").encode()
+    assert len(line) <= select.PIPE_BUF
+    os.write(sys.stdout.fileno(), line)
 
 
 def describe(client: Client, cid: bytes) -> dict[str, object]:
@@ -102,8 +125,43 @@ async def wait_ready(client: Client, cid: bytes) -> None:
         await trio.sleep(0.002)
 
 
+async def pay(client: Client, cid: bytes, asset: bytes, amount: int, report: Report) -> str:
+    """``client.pay``, its outcome classified as ``test_client_chaos.pay_forever`` does:
+    ``PAID`` (it returned a co-signed state), ``REFUSED`` (``UpdateRejected`` or
+    ``LocalProtocolError``: the pay is not made) or ``UNKNOWN`` (``PeerTimeout``, or
+    cancelled while awaiting: made or not, the resync settles it).  ``report`` is called
+    however the pay ends; then a cancellation, or any other error (a bug: it fails the
+    test), propagates."""
+    outcome, error, reason = UNKNOWN, "", ""
+    try:
+        await client.pay(cid, asset, amount)
+        outcome = PAID
+    except PeerTimeout:
+        pass
+    except (UpdateRejected, LocalProtocolError) as exc:
+        outcome, error = REFUSED, type(exc).__name__
+        reason = exc.reason if isinstance(exc, UpdateRejected) else str(exc)
+    finally:
+        report(outcome, error, reason)
+    return outcome
+
+
+def report_on_stdout(pay_id: str) -> Report:
+    """Report pay ``pay_id``'s outcome to the parent, as one line on stdout."""
+
+    def report(outcome: str, error: str, reason: str) -> None:
+        if outcome == REFUSED:
+            emit(ev=outcome, id=pay_id, error=error, reason=reason)
+        else:
+            emit(ev=outcome, id=pay_id)
+
+    return report
+
+
 class Payer:
-    """``go N`` / ``stop``: concurrent pay loops, so updates are pipelined."""
+    """``go N`` / ``stop``: concurrent pay loops, so updates are pipelined.  Each pay is
+    in TOKEN (the peer pays in ETH: each asset moves one way only), and is written on
+    stdout before it starts and when it ends."""
 
     def __init__(self, client: Client, cid: bytes, nursery: trio.Nursery) -> None:
         self.client, self.cid, self.nursery = client, cid, nursery
@@ -112,6 +170,7 @@ class Payer:
         self.idle = trio.Event()
         self.idle.set()
         self.ok = self.failed = 0
+        self.pays = 0  # pay ids, with the pid: unique across restarts
 
     def go(self, n: int) -> None:
         self.running = True
@@ -128,11 +187,13 @@ class Payer:
         rng = random.Random()
         try:
             while self.running:
-                asset = ETH if rng.random() < 0.7 else TOKEN
-                try:
-                    await self.client.pay(self.cid, asset, rng.randint(1, 1000))
+                self.pays += 1
+                pay_id, amount = f"{os.getpid()}.{self.pays}", rng.randint(1, MAX_AMOUNT)
+                emit(ev="pay", id=pay_id, amount=amount)
+                outcome = await pay(self.client, self.cid, TOKEN, amount, report_on_stdout(pay_id))
+                if outcome == PAID:
                     self.ok += 1
-                except ChannelError:
+                else:
                     self.failed += 1
                     await trio.sleep(0.001)
         finally:
@@ -161,10 +222,36 @@ async def _flusher_send_before_persist(self: Outbox) -> None:
                 self.on_durable(op)
 
 
+_client_pay = Client.pay
+
+
+async def _pay_twice(self: Client, channel_id: bytes, asset: bytes, amount: int) -> SignedState:
+    """TEST-ONLY FAULT: every pay is made twice and returns once (as a pay retried after
+    its first proposal had been co-signed after all)."""
+    await _client_pay(self, channel_id, asset, amount)
+    return await _client_pay(self, channel_id, asset, amount)
+
+
+async def _pay_unmade(self: Client, channel_id: bytes, asset: bytes, amount: int) -> SignedState:
+    """TEST-ONLY FAULT: every pay returns the latest co-signed state and proposes nothing
+    (a pay reported made that never was)."""
+    await trio.sleep(0.001)
+    latest = self.latest(channel_id)
+    assert latest is not None
+    return latest
+
+
 async def main(args: argparse.Namespace) -> None:
-    if os.environ.get(FAULT_ENV) == "send-before-persist":
+    fault = os.environ.get(FAULT_ENV)
+    if fault == "send-before-persist":
         Outbox.run = _flusher_send_before_persist  # type: ignore[method-assign]
         Outbox.flush_now = lambda self: None  # type: ignore[method-assign]  # no shortcut
+    elif fault == "pay-twice":
+        Client.pay = _pay_twice  # type: ignore[method-assign]
+    elif fault == "pay-unmade":
+        Client.pay = _pay_unmade  # type: ignore[method-assign]
+    elif fault is not None:
+        raise SystemExit(f"unknown {FAULT_ENV}={fault!r}")
     signer = Signer.from_bytes(bytes.fromhex(os.environ[SECRET_ENV]))
     peer = PeerAddress.parse(args.peer) if args.peer else None
     port = args.listen if args.role == "responder" else None

@@ -11,6 +11,12 @@ connection level (``Open``, ``Propose``, ``Accept``, ``Sync``), before its own
 machine looks at it.  What the victim put on the wire is therefore known without
 trusting the victim's own account of it.
 
+The pays are counted too, per direction: the survivor pays only ETH, the victim only
+TOKEN.  The victim writes each pay on stdout before it starts and its outcome when it
+ends, so a pay still awaiting when the victim is killed is known to be of unknown
+outcome.  As in ``test_client_chaos``: with R the pays that returned and U those whose
+outcome is unknown, the amount T that moved must satisfy ``R <= T <= R + U``.
+
 Set ``CRASH_SEED`` to replay the same kill plan (phases and delays); the seed is
 printed on failure.  Run with ``-s`` to see one line per kill.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import math
 import os
 import random
 import re
@@ -29,6 +36,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -44,6 +52,7 @@ for _p in (str(ROOT), str(HERE)):
         sys.path.insert(0, _p)
 
 import crash_party  # noqa: E402
+from test_client_chaos import REFUSED, RETURNED, UNKNOWN, Ledger  # noqa: E402
 
 from channel import codec  # noqa: E402
 from channel.client import Client, open_client  # noqa: E402
@@ -233,6 +242,87 @@ def check_store(path: Path, victim: Signer, rec: Recorder) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------
+# check (4): every pay's caller was told the truth
+
+#: A pay's outcome line (``crash_party``'s words) as ``test_client_chaos``'s ledger counts it.
+OUTCOMES = {crash_party.PAID: RETURNED, crash_party.REFUSED: REFUSED, crash_party.UNKNOWN: UNKNOWN}
+#: The two directions of the pays: (name, asset, whether the survivor is the payer).
+DIRECTIONS = (("survivor->victim", ETH, True), ("victim->survivor", crash_party.TOKEN, False))
+
+
+def settle(ledger: Ledger, pay_id: int, outcome: str, error: str = "", reason: str = "") -> None:
+    """Count how pay ``pay_id`` ended, as ``test_client_chaos.pay_forever`` does."""
+    chan, asset, amount = ledger.pays[pay_id]
+    assert pay_id not in ledger.outcomes, f"pay #{pay_id} ended twice"
+    kind = ledger.outcomes[pay_id] = OUTCOMES[outcome]
+    ledger.sums[chan, asset][kind] += amount
+    ledger.counts[kind] += 1
+    if kind == REFUSED:
+        ledger.reasons[pay_id] = f"{error}({reason!r})"
+        ledger.refusals[f"{error}: {re.sub(r'[0-9a-f]{16}|[0-9]+', '#', reason)}"] += 1
+
+
+class VictimPays:
+    """The victim's pays, as its lives wrote them on stdout, in ``ledger`` (in TOKEN): a
+    ``pay`` line before each ``client.pay`` starts, an outcome line when it ends.  A pay
+    with no outcome line when its life was killed is of unknown outcome."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.ids: dict[str, int] = {}  # the victim's pay id -> the ledger's
+
+    def on_line(self, msg: dict[str, Any], pending: set[str]) -> None:
+        """One pay line of a life whose pays still awaiting an outcome are ``pending``."""
+        pay_id = str(msg["id"])
+        if msg["ev"] == "pay":
+            assert pay_id not in self.ids, f"the victim used pay id {pay_id} twice"
+            self.ids[pay_id] = self.ledger.new_pay(0, crash_party.TOKEN, int(msg["amount"]))
+            pending.add(pay_id)
+            return
+        assert pay_id in pending, f"victim: {msg} for no pay awaiting its outcome"
+        pending.remove(pay_id)
+        settle(
+            self.ledger, self.ids[pay_id], msg["ev"], msg.get("error", ""), msg.get("reason", "")
+        )
+
+    def died(self, pending: set[str]) -> None:
+        """The life is over: its pays still awaiting are of unknown outcome."""
+        for pay_id in sorted(pending):
+            settle(self.ledger, self.ids[pay_id], crash_party.UNKNOWN)
+        pending.clear()
+
+
+def check_pays(ledger: Ledger, final: State, survivor: int) -> str:
+    """Check (4): per direction, with R the sum of the pays that returned a co-signed
+    state and U of those whose outcome is unknown, the amount T moved by ``final``
+    satisfies ``R <= T <= R + U``: no pay reported made is missing, no refused pay is
+    made, no pay is made twice.  Every pay must have ended.  Returns the figures."""
+    assert len(ledger.outcomes) == len(ledger.pays), "a pay never ended"
+    figures, errors = [], []
+    for name, asset, survivor_pays in DIRECTIONS:
+        # BALANCES' opener column is the victim's, whichever side opens.
+        victim_had, survivor_had = next((v, s) for a, v, s in crash_party.BALANCES if a == asset)
+        balances = final.allocation(asset).balances
+        if survivor_pays:
+            t = survivor_had - balances[survivor]
+        else:
+            t = victim_had - balances[1 - survivor]
+        sums = ledger.sums[0, asset]
+        r, u = sums[RETURNED], sums[UNKNOWN]
+        n = collections.Counter(
+            ledger.outcomes[i] for i, (_, a, _) in enumerate(ledger.pays) if a == asset
+        )
+        what = f"{name} R={r} U={u} T={t} (refused {sums[REFUSED]}; pays {dict(n)})"
+        figures.append(what)
+        if t < r:
+            errors.append(f"{what}: T < R, pays reported made are not in v{final.version}")
+        elif t > r + u:
+            errors.append(f"{what}: T > R + U, a refused pay was made or a pay made twice")
+    assert not errors, "; ".join(errors)
+    return "; ".join(figures)
+
+
+# ---------------------------------------------------------------------------
 # the victim process
 
 
@@ -246,16 +336,25 @@ def _open_log(path: Path) -> Any:
     return path.open("ab")
 
 
+#: The lines the victim writes about its pays (the others answer the parent).
+PAY_LINES = frozenset(("pay", *OUTCOMES))
+
+
 class Victim:
-    """One life of the victim process, driven over its stdin/stdout."""
+    """One life of the victim process, driven over its stdin/stdout.  One task reads its
+    stdout from start to end of life, so the child never blocks on a full pipe while it
+    pays: pay lines go to ``pays``, the others to ``expect``."""
 
     #: Every life started, so a failing test leaves no orphan behind.
     started: ClassVar[list[trio.Process]] = []
 
-    def __init__(self, proc: trio.Process, log: Any) -> None:
+    def __init__(self, proc: trio.Process, log: Any, pays: VictimPays) -> None:
         self.proc = proc
         self.log = log
-        self.buf = b""
+        self.pays = pays
+        self._lines, self._events = trio.open_memory_channel[dict[str, Any]](math.inf)
+        #: Set once stdout reached its end and this life's pays are all in ``pays``.
+        self.ended = trio.Event()
         Victim.started.append(proc)
 
     @classmethod
@@ -266,7 +365,15 @@ class Victim:
         cls.started.clear()
 
     @classmethod
-    async def start(cls, argv: list[str], env: dict[str, str], log_path: Path) -> Victim:
+    async def start(
+        cls,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        nursery: trio.Nursery,
+        pays: VictimPays,
+    ) -> Victim:
+        """Start a life; its stdout is read by a task in ``nursery``."""
         log = _open_log(log_path)
         proc = await trio.lowlevel.open_process(
             [sys.executable, str(PARTY), *argv],
@@ -276,21 +383,34 @@ class Victim:
             env=env,
             cwd=str(ROOT),
         )
-        return cls(proc, log)
+        victim = cls(proc, log, pays)
+        nursery.start_soon(victim._read)
+        return victim
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        buf = b""
+        pending: set[str] = set()  # this life's pays awaiting their outcome line
+        async with self._lines:
+            while chunk := await self.proc.stdout.receive_some(65536):
+                *lines, buf = (buf + chunk).split(b"\n")
+                for line in lines:
+                    msg: dict[str, Any] = json.loads(line)
+                    if msg["ev"] in PAY_LINES:
+                        self.pays.on_line(msg, pending)
+                    else:
+                        self._lines.send_nowait(msg)
+        # A SIGKILL cannot cut a line short: each is one write() of at most PIPE_BUF bytes.
+        assert not buf, f"victim: a partial last line {buf!r}"
+        self.pays.died(pending)
+        self.ended.set()
 
     async def expect(self, ev: str, limit: float = 20.0) -> dict[str, Any]:
-        assert self.proc.stdout is not None
         with trio.fail_after(limit):
-            while True:
-                while b"\n" in self.buf:
-                    line, self.buf = self.buf.split(b"\n", 1)
-                    msg: dict[str, Any] = json.loads(line)
-                    if msg["ev"] == ev:
-                        return msg
-                chunk = await self.proc.stdout.receive_some(65536)
-                if not chunk:
-                    raise AssertionError(f"victim exited (rc={self.proc.poll()}) awaiting {ev!r}")
-                self.buf += chunk
+            async for msg in self._events:
+                if msg["ev"] == ev:
+                    return msg
+        raise AssertionError(f"victim exited (rc={self.proc.poll()}) awaiting {ev!r}")
 
     async def ask(self, cmd: str, ev: str, limit: float = 20.0) -> dict[str, Any]:
         assert self.proc.stdin is not None
@@ -302,6 +422,11 @@ class Victim:
         rc = await self.proc.wait()
         assert rc == -9, f"victim was not SIGKILLed (rc={rc})"
         self.log.close()
+        await self._wait_ended()
+
+    async def _wait_ended(self) -> None:
+        with trio.fail_after(10):
+            await self.ended.wait()
 
     async def exit(self) -> None:
         assert self.proc.stdin is not None
@@ -310,6 +435,7 @@ class Victim:
             rc = await self.proc.wait()
         assert rc == 0, f"victim exited with {rc}"
         self.log.close()
+        await self._wait_ended()
 
 
 # ---------------------------------------------------------------------------
@@ -317,14 +443,18 @@ class Victim:
 
 
 class SurvivorPayer:
-    def __init__(self, client: Client, cid: bytes, nursery: trio.Nursery, n: int) -> None:
+    """The survivor's ``n`` pay loops, in ETH only (the victim pays TOKEN); each pay and
+    its outcome is counted in ``ledger``."""
+
+    def __init__(
+        self, client: Client, cid: bytes, nursery: trio.Nursery, n: int, ledger: Ledger
+    ) -> None:
         self.client, self.cid, self.nursery, self.n = client, cid, nursery, n
+        self.ledger = ledger
         self.running = False
         self.done: trio.Event = trio.Event()
         self.done.set()
         self.loops = 0
-        self.ok = 0
-        self.failures: collections.Counter[str] = collections.Counter()
 
     def go(self) -> None:
         if self.running or self.n == 0:
@@ -344,12 +474,11 @@ class SurvivorPayer:
         rng = random.Random()
         try:
             while self.running:
-                try:
-                    await self.client.pay(self.cid, ETH, rng.randint(1, 1000))
-                    self.ok += 1
-                except ChannelError as exc:
-                    text = re.sub(r"\b(v?\d+|[0-9a-f]{16})\b", "N", str(exc))
-                    self.failures[f"{type(exc).__name__}: {text}"] += 1
+                amount = rng.randint(1, crash_party.MAX_AMOUNT)
+                pay_id = self.ledger.new_pay(0, ETH, amount)
+                report = partial(settle, self.ledger, pay_id)
+                outcome = await crash_party.pay(self.client, self.cid, ETH, amount, report)
+                if outcome != crash_party.PAID:
                     await trio.sleep(0.002)
         finally:
             self.loops -= 1
@@ -470,10 +599,12 @@ async def test_sigkill_victim_keeps_every_signed_state(
     the channel, while resyncing after a restart, mid-stream) restarts from its store
     holding every state whose signature it had sent, never signs a version twice with
     different content, and resyncs with its peer to the same latest co-signed version;
-    the final balances conserve the totals.  The lock-step cases (one party paying one
-    at a time, the other only answering) run the client's lock-step shortcut on the
-    victim's side, as proposer and as responder: each commit made by the task that
-    emitted it, each frame written straight to the socket."""
+    the final balances conserve the totals; and in each direction, what moved is every
+    pay reported made plus some of those of unknown outcome (none refused, none twice).
+    The lock-step cases (one party paying one at a time, the other only answering) run
+    the client's lock-step shortcut on the victim's side, as proposer and as responder:
+    each commit made by the task that emitted it, each frame written straight to the
+    socket."""
     seed = int(os.environ.get("CRASH_SEED", str(random.randrange(2**32))))
     rng = random.Random(seed)
     print(f"CRASH_SEED={seed}")
@@ -487,6 +618,8 @@ async def test_sigkill_victim_keeps_every_signed_state(
     phases = {"open": 0, "up": 0, "sync": 0, "stream": 0}
     flowing = 0  # 'stream' kills that landed while the victim's signatures kept coming
     resync_versions: list[int] = []
+    ledger = Ledger()
+    pays = VictimPays(ledger)
 
     async with (
         open_client(
@@ -526,7 +659,7 @@ async def test_sigkill_victim_keeps_every_signed_state(
                 trigger = None
                 if phase in ("open", "sync"):
                     trigger = rec.arm(_opens(victim_role) if phase == "open" else _is_sync)
-                victim = await Victim.start(argv, env, log_path)
+                victim = await Victim.start(argv, env, log_path, nursery, pays)
                 up = await victim.expect("up")
                 if victim_role == "responder" and i == 0:
                     nursery.start_soon(survivor_opens, up["port"])
@@ -537,7 +670,7 @@ async def test_sigkill_victim_keeps_every_signed_state(
                     ready = await victim.expect("ready")
                     cid = bytes.fromhex(ready["cid"])
                     if payer is None:
-                        payer = SurvivorPayer(surv, cid, nursery, survivor_loops)
+                        payer = SurvivorPayer(surv, cid, nursery, survivor_loops, ledger)
                     await payer.stop()
                     resync_versions.append(await check_converged(victim, surv, cid))
                     payer.go()
@@ -556,7 +689,7 @@ async def test_sigkill_victim_keeps_every_signed_state(
                     f"victim-signed versions seen {rec.versions()}; store check {stats}"
                 )
             # The last life: restart, resync, then everybody stops and must agree.
-            victim = await Victim.start(argv, env, log_path)
+            victim = await Victim.start(argv, env, log_path, nursery, pays)
             ready = await victim.expect("ready")
             cid = bytes.fromhex(ready["cid"])
             if payer is not None:
@@ -580,6 +713,11 @@ async def test_sigkill_victim_keeps_every_signed_state(
     assert [recover(digest, s) for s in latest.signatures if s is not None] == list(
         params.participants
     )
+    try:
+        accounts = check_pays(ledger, latest.state, surv.me(cid))
+    except AssertionError:
+        print(f"CRASH_SEED={seed}; victim log: {log_path}")
+        raise
     assert not rec.problems, rec.problems[:10]
     assert sum(phases.values()) == kills
     if mid_stream:
@@ -594,8 +732,8 @@ async def test_sigkill_victim_keeps_every_signed_state(
         f"final v{final_v}, "
         f"{stats['checked']} victim-signed versions checked {stats} {totals}, "
         f"max pipeline depth {rec.max_depth}, converged after restarts at "
-        f"{resync_versions}, survivor pays ok {payer.ok if payer else 0} "
-        f"failed {dict(payer.failures) if payer else {}}, {time.monotonic() - t0:.1f}s"
+        f"{resync_versions}; pays {accounts}; refusals {dict(ledger.refusals)}; "
+        f"{time.monotonic() - t0:.1f}s"
     )
 
 
@@ -606,17 +744,24 @@ async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: P
     victim_key = Signer.from_bytes(VICTIM_SECRET)
     store_path = tmp_path / "victim.sqlite"
     caught = None
-    async with open_client(
-        Signer.from_bytes(SURVIVOR_SECRET),
-        tmp_path / "survivor.sqlite",
-        update_timeout=crash_party.UPDATE_TIMEOUT,
-    ) as surv:
+    async with (
+        open_client(
+            Signer.from_bytes(SURVIVOR_SECRET),
+            tmp_path / "survivor.sqlite",
+            update_timeout=crash_party.UPDATE_TIMEOUT,
+        ) as surv,
+        trio.open_nursery() as nursery,
+    ):
         rec = Recorder(surv, victim_key.address)
         argv = _opener_argv(store_path, surv)
         try:
             for _ in range(3):
                 victim = await Victim.start(
-                    argv, _victim_env("send-before-persist"), tmp_path / "victim.log"
+                    argv,
+                    _victim_env("send-before-persist"),
+                    tmp_path / "victim.log",
+                    nursery,
+                    VictimPays(Ledger()),
                 )
                 await victim.expect("ready")
                 proposed = rec.arm(lambda m: isinstance(m, Propose))
@@ -632,6 +777,53 @@ async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: P
                     break
         finally:
             Victim.kill_all()
+        nursery.cancel_scope.cancel()
     assert caught is not None, "a party that sends before persisting went unnoticed"
     print(f"caught: {caught.splitlines()[0]}")
     assert "not in the store" in caught or "different" in caught, caught
+
+
+@pytest.mark.parametrize(
+    ("fault", "verdict"),
+    [("pay-twice", "made twice"), ("pay-unmade", "reported made are not")],
+)
+async def test_the_checks_catch_pays_misreported_to_their_callers(
+    tmp_path: Path, fault: str, verdict: str
+) -> None:
+    """The accounting of the pays is not vacuous: a victim whose pays are made twice and
+    reported once, or reported made though never proposed (TEST-ONLY faults in
+    crash_party), fails ``R <= T <= R + U``, across a SIGKILL mid-stream and a restart."""
+    ledger = Ledger()
+    pays = VictimPays(ledger)
+    async with (
+        open_client(
+            Signer.from_bytes(SURVIVOR_SECRET),
+            tmp_path / "survivor.sqlite",
+            update_timeout=crash_party.UPDATE_TIMEOUT,
+        ) as surv,
+        trio.open_nursery() as nursery,
+    ):
+        argv = _opener_argv(tmp_path / "victim.sqlite", surv)
+        try:
+            for life in range(2):
+                victim = await Victim.start(
+                    argv, _victim_env(fault), tmp_path / "victim.log", nursery, pays
+                )
+                cid = bytes.fromhex((await victim.expect("ready"))["cid"])
+                assert victim.proc.stdin is not None
+                await victim.proc.stdin.send_all(b"go 6\n")
+                await trio.sleep(0.2)
+                if life == 0:
+                    await victim.kill()
+            await victim.ask("stop", "stopped")
+            final_v = await check_converged(victim, surv, cid)
+            await victim.exit()
+        finally:
+            Victim.kill_all()
+        nursery.cancel_scope.cancel()
+    latest = surv.latest(cid)
+    assert latest is not None and latest.state.version == final_v
+    with pytest.raises(AssertionError) as caught:
+        check_pays(ledger, latest.state, surv.me(cid))
+    print(f"caught: {caught.value}")
+    assert verdict in str(caught.value), caught.value
