@@ -35,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
@@ -737,13 +737,9 @@ async def test_sigkill_victim_keeps_every_signed_state(
     )
 
 
-async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: Path) -> None:
-    """The store check is not vacuous: a victim that sends signatures before its store
-    has them (persist-then-send broken on purpose, TEST-ONLY fault in crash_party) is
-    caught within a few SIGKILLs."""
-    victim_key = Signer.from_bytes(VICTIM_SECRET)
-    store_path = tmp_path / "victim.sqlite"
-    caught = None
+@contextlib.asynccontextmanager
+async def _survivor(tmp_path: Path) -> AsyncIterator[tuple[Client, trio.Nursery]]:
+    """The survivor's client, and a nursery for the victims' reader tasks."""
     async with (
         open_client(
             Signer.from_bytes(SURVIVOR_SECRET),
@@ -752,6 +748,17 @@ async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: P
         ) as surv,
         trio.open_nursery() as nursery,
     ):
+        yield surv, nursery
+
+
+async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: Path) -> None:
+    """The store check is not vacuous: a victim that sends signatures before its store
+    has them (persist-then-send broken on purpose, TEST-ONLY fault in crash_party) is
+    caught within a few SIGKILLs."""
+    victim_key = Signer.from_bytes(VICTIM_SECRET)
+    store_path = tmp_path / "victim.sqlite"
+    caught = None
+    async with _survivor(tmp_path) as (surv, nursery):
         rec = Recorder(surv, victim_key.address)
         argv = _opener_argv(store_path, surv)
         try:
@@ -795,14 +802,7 @@ async def test_the_checks_catch_pays_misreported_to_their_callers(
     crash_party), fails ``R <= T <= R + U``, across a SIGKILL mid-stream and a restart."""
     ledger = Ledger()
     pays = VictimPays(ledger)
-    async with (
-        open_client(
-            Signer.from_bytes(SURVIVOR_SECRET),
-            tmp_path / "survivor.sqlite",
-            update_timeout=crash_party.UPDATE_TIMEOUT,
-        ) as surv,
-        trio.open_nursery() as nursery,
-    ):
+    async with _survivor(tmp_path) as (surv, nursery):
         argv = _opener_argv(tmp_path / "victim.sqlite", surv)
         try:
             for life in range(2):
