@@ -475,17 +475,19 @@ def test_a_complete_checkpoint_lets_the_wal_start_over(path: Path) -> None:
 def test_warm_wal_gives_a_fresh_wal_its_blocks_once_and_commits_write_over_them(
     path: Path,
 ) -> None:
-    """warm_wal grows a fresh WAL to the size asked for in one commit and checkpoints it,
-    so the commits after it write the file over from its start: it does not grow while
-    they fit.  On a WAL that is large enough already it does nothing.  The padding
-    leaves no table behind, and the store holds exactly what was committed."""
-    store = Store(path, owner=ALICE.address)
-    store.checkpoint_in_background()
+    """warm_wal grows a fresh WAL to the size asked for and checkpoints it, so the
+    commits after it write the file over from its start: it does not grow while they
+    fit.  On a WAL that is large enough already it does nothing.  The padding leaves no
+    table behind and does not grow the database file, and the store holds exactly what
+    was committed.  It works whether the store's automatic checkpoint is on or not."""
+    store = Store(path, owner=ALICE.address)  # automatic checkpoints on, as when opened
     wal = path.with_name(path.name + "-wal")
     nbytes = 2 * 1024 * 1024
     assert store.warm_wal(nbytes) is True
     size = wal.stat().st_size
     assert size >= nbytes
+    assert path.stat().st_size < 64 * 1024  # the schema's pages: none of the padding
+    store.checkpoint_in_background()
     assert store.warm_wal(nbytes) is False
     assert store.warm_wal(size) is False
     f = opened(store)
