@@ -13,8 +13,8 @@ stdout (one ``write`` per line)
   ``{"ev": "ready", ...}``          the channel is open and the peer is connected
   ``{"ev": "latest", ...}``         answer to ``latest``
   ``{"ev": "stopped", ...}``        answer to ``stop``: no pay of ours is running
-  ``{"ev": "pay", "id": I, "amount": A}``  written before each ``client.pay``
-  ``{"ev": "paid", "id": I}``       that pay returned a co-signed state
+  ``{"ev": "pay", "id": I, "amount": A}``  written before each pay starts
+  ``{"ev": "paid", "id": I, "version": V}``  that pay returned the co-signed state V
   ``{"ev": "refused", "id": I, "error": T, "reason": R}``  it raised ``T``: not made
   ``{"ev": "unknown", "id": I}``    its outcome is settled on reconnect, either way
 stdin
@@ -25,14 +25,19 @@ stdin
 
 The process is meant to be SIGKILLed at any moment; it never cleans up on its own.
 A pay whose ``pay`` line has no outcome line when the process died is of unknown
-outcome; pay ids (``PID.N``) are unique across restarts.
+outcome; pay ids (``PID.N``) are unique across restarts.  A pay is ``Client.pay``'s
+update made through ``Client.update`` with its id as the state's app data
+(``test_client_chaos.tagged_pay``), so that every state the pay proposes names it.
 
 ``CRASH_PARTY_FAULT=send-before-persist`` (TEST-ONLY) breaks the client's
 persist-then-send rule on purpose, so the crash test can show that its checks
 catch a party that signs and sends before its store has the state.
 ``CRASH_PARTY_FAULT=pay-twice`` (TEST-ONLY) makes every pay twice, reported once, and
 ``CRASH_PARTY_FAULT=pay-unmade`` reports every pay made without proposing anything:
-the crash test's accounting of the pays catches both.
+the crash test's accounting of the pays catches both.  ``CRASH_PARTY_FAULT=one-pay-twice``
+(TEST-ONLY) makes a single pay twice, reported once (the ``ONE_PAY_TWICE_AT``-th of the
+process), and then writes ``{"ev": "paid-twice", "id": I, "returned": [V1, V2]}``: that
+one hides in the slack of ``R <= T <= R + U``, the exact check catches it.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ import trio.lowlevel
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from channel.client import Client, open_client
+from test_client_chaos import tagged_pay
+
+from channel.client import Client, UpdateFn, open_client
 from channel.eip712 import state_digest
 from channel.errors import LocalProtocolError, PeerTimeout, UpdateRejected
 from channel.keys import Signer
@@ -75,8 +82,11 @@ UPDATE_TIMEOUT = 3.0
 
 #: How a pay ended, as its caller saw it (the outcome lines on stdout).
 PAID, REFUSED, UNKNOWN = "paid", "refused", "unknown"
-#: ``report(outcome, error type, reason)``: called once per pay, however it ended.
-Report = Callable[[str, str, str], None]
+#: ``report(outcome, error type, reason, version)``: called once per pay, however it
+#: ended; ``version`` is that of the co-signed state a ``PAID`` pay returned, else None.
+Report = Callable[[str, str, str, "int | None"], None]
+#: ``one-pay-twice`` makes this update of the process (counted from 1) twice.
+ONE_PAY_TWICE_AT = 40
 
 
 def emit(**fields: object) -> None:
@@ -125,33 +135,38 @@ async def wait_ready(client: Client, cid: bytes) -> None:
         await trio.sleep(0.002)
 
 
-async def pay(client: Client, cid: bytes, asset: bytes, amount: int, report: Report) -> str:
-    """``client.pay``, its outcome classified as ``test_client_chaos.pay_forever`` does:
-    ``PAID`` (it returned a co-signed state), ``REFUSED`` (``UpdateRejected`` or
-    ``LocalProtocolError``: the pay is not made) or ``UNKNOWN`` (``PeerTimeout``, or
-    cancelled while awaiting: made or not, the resync settles it).  ``report`` is called
-    however the pay ends; then a cancellation, or any other error (a bug: it fails the
-    test), propagates."""
-    outcome, error, reason = UNKNOWN, "", ""
+async def pay(
+    client: Client, cid: bytes, asset: bytes, amount: int, tag: bytes, report: Report
+) -> str:
+    """Pay ``amount`` of ``asset`` to the peer, as ``test_client_chaos.pay_forever`` does:
+    ``Client.update`` with ``tag`` (the pay's id) as the app data of every state it
+    proposes, its outcome classified as ``PAID`` (it returned a co-signed state),
+    ``REFUSED`` (``UpdateRejected`` or ``LocalProtocolError``: the pay is not made) or
+    ``UNKNOWN`` (``PeerTimeout``, or cancelled while awaiting: made or not, the resync
+    settles it).  ``report`` is called however the pay ends; then a cancellation, or any
+    other error (a bug: it fails the test), propagates."""
+    outcome, error, reason, version = UNKNOWN, "", "", None
     try:
-        await client.pay(cid, asset, amount)
-        outcome = PAID
+        signed = await client.update(cid, tagged_pay(client.me(cid), asset, amount, tag))
+        outcome, version = PAID, signed.state.version
     except PeerTimeout:
         pass
     except (UpdateRejected, LocalProtocolError) as exc:
         outcome, error = REFUSED, type(exc).__name__
         reason = exc.reason if isinstance(exc, UpdateRejected) else str(exc)
     finally:
-        report(outcome, error, reason)
+        report(outcome, error, reason, version)
     return outcome
 
 
 def report_on_stdout(pay_id: str) -> Report:
     """Report pay ``pay_id``'s outcome to the parent, as one line on stdout."""
 
-    def report(outcome: str, error: str, reason: str) -> None:
+    def report(outcome: str, error: str, reason: str, version: int | None) -> None:
         if outcome == REFUSED:
             emit(ev=outcome, id=pay_id, error=error, reason=reason)
+        elif outcome == PAID:
+            emit(ev=outcome, id=pay_id, version=version)
         else:
             emit(ev=outcome, id=pay_id)
 
@@ -190,7 +205,9 @@ class Payer:
                 self.pays += 1
                 pay_id, amount = f"{os.getpid()}.{self.pays}", rng.randint(1, MAX_AMOUNT)
                 emit(ev="pay", id=pay_id, amount=amount)
-                outcome = await pay(self.client, self.cid, TOKEN, amount, report_on_stdout(pay_id))
+                outcome = await pay(
+                    self.client, self.cid, TOKEN, amount, pay_id.encode(), report_on_stdout(pay_id)
+                )
                 if outcome == PAID:
                     self.ok += 1
                 else:
@@ -222,23 +239,45 @@ async def _flusher_send_before_persist(self: Outbox) -> None:
                 self.on_durable(op)
 
 
-_client_pay = Client.pay
+_client_update = Client.update
 
 
-async def _pay_twice(self: Client, channel_id: bytes, asset: bytes, amount: int) -> SignedState:
-    """TEST-ONLY FAULT: every pay is made twice and returns once (as a pay retried after
-    its first proposal had been co-signed after all)."""
-    await _client_pay(self, channel_id, asset, amount)
-    return await _client_pay(self, channel_id, asset, amount)
+async def _update_twice(self: Client, channel_id: bytes, fn: UpdateFn) -> SignedState:
+    """TEST-ONLY FAULT: every update (pay) is made twice and returns once (as a pay
+    retried after its first proposal had been co-signed after all)."""
+    await _client_update(self, channel_id, fn)
+    return await _client_update(self, channel_id, fn)
 
 
-async def _pay_unmade(self: Client, channel_id: bytes, asset: bytes, amount: int) -> SignedState:
-    """TEST-ONLY FAULT: every pay returns the latest co-signed state and proposes nothing
-    (a pay reported made that never was)."""
+async def _update_unmade(self: Client, channel_id: bytes, fn: UpdateFn) -> SignedState:
+    """TEST-ONLY FAULT: every update (pay) returns the latest co-signed state and
+    proposes nothing (a pay reported made that never was)."""
     await trio.sleep(0.001)
     latest = self.latest(channel_id)
     assert latest is not None
     return latest
+
+
+_updates = 0
+
+
+async def _update_one_twice(self: Client, channel_id: bytes, fn: UpdateFn) -> SignedState:
+    """TEST-ONLY FAULT: the ``ONE_PAY_TWICE_AT``-th update (pay) of the process is made
+    twice and returns once; then a ``paid-twice`` line names it.  The others are honest."""
+    global _updates
+    _updates += 1
+    if _updates != ONE_PAY_TWICE_AT:
+        return await _client_update(self, channel_id, fn)
+    first = await _client_update(self, channel_id, fn)
+    second = await _client_update(self, channel_id, fn)
+    # The returned states may be later ones that accept this pay's proposal with others:
+    # the pay's id is what ``fn`` writes as app data.
+    emit(
+        ev="paid-twice",
+        id=fn(first.state).app_data.decode(),
+        returned=[first.state.version, second.state.version],
+    )
+    return second
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -247,9 +286,11 @@ async def main(args: argparse.Namespace) -> None:
         Outbox.run = _flusher_send_before_persist  # type: ignore[method-assign]
         Outbox.flush_now = lambda self: None  # type: ignore[method-assign]  # no shortcut
     elif fault == "pay-twice":
-        Client.pay = _pay_twice  # type: ignore[method-assign]
+        Client.update = _update_twice  # type: ignore[method-assign]
     elif fault == "pay-unmade":
-        Client.pay = _pay_unmade  # type: ignore[method-assign]
+        Client.update = _update_unmade  # type: ignore[method-assign]
+    elif fault == "one-pay-twice":
+        Client.update = _update_one_twice  # type: ignore[method-assign]
     elif fault is not None:
         raise SystemExit(f"unknown {FAULT_ENV}={fault!r}")
     signer = Signer.from_bytes(bytes.fromhex(os.environ[SECRET_ENV]))

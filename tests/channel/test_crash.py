@@ -17,6 +17,14 @@ ends, so a pay still awaiting when the victim is killed is known to be of unknow
 outcome.  As in ``test_client_chaos``: with R the pays that returned and U those whose
 outcome is unknown, the amount T that moved must satisfy ``R <= T <= R + U``.
 
+That leaves the unknown pays as slack (tens of thousands), where one pay made twice
+would hide; so the pays are also checked one by one.  Each pay writes its id as the
+app data of the states it proposes (``test_client_chaos.tagged_pay``), the survivor
+records every proposal it sees (either party's, with the version it was built on) and
+every co-signed state it makes durable, and the final state's chain is walked back,
+proposal by proposal: each names one pay and moves exactly that pay's amount.  Every
+returned pay must be on it, no refused pay, no pay twice (check (5)).
+
 Set ``CRASH_SEED`` to replay the same kill plan (phases and delays); the seed is
 printed on failure.  Run with ``-s`` to see one line per kill.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -52,7 +61,7 @@ for _p in (str(ROOT), str(HERE)):
         sys.path.insert(0, _p)
 
 import crash_party  # noqa: E402
-from test_client_chaos import REFUSED, RETURNED, UNKNOWN, Ledger  # noqa: E402
+from test_client_chaos import REFUSED, RETURNED, UNKNOWN, Ledger, tagged_pay  # noqa: E402
 
 from channel import codec  # noqa: E402
 from channel.client import Client, open_client  # noqa: E402
@@ -81,20 +90,29 @@ STATUS_NAMES = {IN_FLIGHT: "in_flight", COSIGNED: "cosigned", BURNED: "burned"}
 # the survivor's wire recorder
 
 
+#: Who proposed a state (``Recorder.proposed``).
+SURVIVOR, VICTIM = "survivor", "victim"
+
+
 class Recorder:
     """Wraps the survivor client's dispatch: every state the victim signed, as received.
 
     ``got[(channel_id, version)]`` maps each distinct state digest to the state, so a
     second entry for one version would be two different states signed by the victim
-    at that version (rule S broken).
+    at that version (rule S broken).  ``mine`` holds the survivor's own proposals, and
+    ``proposed`` maps every proposal of either party (each state the survivor saw
+    proposed, its own or the victim's) to its proposer and the version it was built on.
+    Every co-signed state the survivor makes durable (its state listener: countersigned,
+    accepted, or adopted from the victim's ``Sync``) goes to ``ledger.states``.
     """
 
-    def __init__(self, client: Client, victim: bytes) -> None:
+    def __init__(self, client: Client, victim: bytes, ledger: Ledger) -> None:
         self.client = client
         self.victim = victim
         self.got: dict[tuple[bytes, int], dict[bytes, State]] = {}
         self.params: dict[bytes, Params] = {}
         self.mine: dict[tuple[bytes, int], State] = {}
+        self.proposed: dict[State, tuple[str, int]] = {}
         self.problems: list[str] = []
         self.messages = 0
         #: The most victim proposals seen ahead of our latest co-signed state at once.
@@ -118,10 +136,12 @@ class Recorder:
                     old = self.mine.setdefault(key, out.state)
                     if old != out.state:
                         self.problems.append(f"survivor signed two states at v{key[1]}")
+                    self.proposed[out.state] = (SURVIVOR, out.base_version)
             orig_emit(peer, outputs)
 
         client.inbound.dispatch = dispatch  # type: ignore[method-assign]
         client._emit = emit  # type: ignore[method-assign]
+        client.add_state_listener(partial(ledger.on_state, SURVIVOR))
 
     def arm(self, predicate: Callable[[codec.Message], bool]) -> trio.Event:
         """An event set when the next message from the victim matching ``predicate``
@@ -134,7 +154,11 @@ class Recorder:
         ch = self.client._channels.get(cid)
         return None if ch is None else ch.machine.params
 
-    def _record(self, params: Params, state: State, sig: bytes | None, what: str) -> None:
+    def _record(
+        self, params: Params, state: State, sig: bytes | None, what: str, base: int | None = None
+    ) -> None:
+        """Record ``state`` if ``sig`` is the victim's; ``base``: it is the victim's
+        proposal, built on that version."""
         if sig is None:
             self.problems.append(f"{what} v{state.version}: no signature from the victim")
             return
@@ -148,6 +172,8 @@ class Recorder:
             return  # not the victim's signature (e.g. our own, echoed back)
         self.params[params.channel_id] = params
         self.got.setdefault((params.channel_id, state.version), {})[digest] = state
+        if base is not None:
+            self.proposed.setdefault(state, (VICTIM, base))
 
     def _on_message(self, msg: codec.Message) -> None:
         if isinstance(msg, Open):
@@ -156,7 +182,7 @@ class Recorder:
         if isinstance(msg, Propose):
             params = self._params(msg.state.channel_id)
             if params is not None:
-                self._record(params, msg.state, msg.signature, "Propose")
+                self._record(params, msg.state, msg.signature, "Propose", msg.base_version)
                 latest = self.client._channels[msg.state.channel_id].machine.latest
                 if latest is not None:
                     depth = msg.state.version - latest.state.version
@@ -175,7 +201,7 @@ class Recorder:
             me = params.participants.index(self.victim)
             self._record(params, msg.latest.state, msg.latest.signatures[me], "Sync.latest")
             for p in msg.pending:
-                self._record(params, p.state, p.signature, "Sync.pending")
+                self._record(params, p.state, p.signature, "Sync.pending", p.base_version)
 
     def versions(self) -> int:
         return len(self.got)
@@ -250,46 +276,101 @@ OUTCOMES = {crash_party.PAID: RETURNED, crash_party.REFUSED: REFUSED, crash_part
 DIRECTIONS = (("survivor->victim", ETH, True), ("victim->survivor", crash_party.TOKEN, False))
 
 
-def settle(ledger: Ledger, pay_id: int, outcome: str, error: str = "", reason: str = "") -> None:
-    """Count how pay ``pay_id`` ended, as ``test_client_chaos.pay_forever`` does."""
-    chan, asset, amount = ledger.pays[pay_id]
-    assert pay_id not in ledger.outcomes, f"pay #{pay_id} ended twice"
-    kind = ledger.outcomes[pay_id] = OUTCOMES[outcome]
-    ledger.sums[chan, asset][kind] += amount
-    ledger.counts[kind] += 1
-    if kind == REFUSED:
-        ledger.reasons[pay_id] = f"{error}({reason!r})"
-        ledger.refusals[f"{error}: {re.sub(r'[0-9a-f]{16}|[0-9]+', '#', reason)}"] += 1
+class PayBook:
+    """Both parties' pays, counted in ``ledger`` (``test_client_chaos``'s) as channel 0: the
+    survivor's in ETH, the victim's in TOKEN.  Every pay writes its tag (its id) as the app
+    data of the states it proposes; ``tags`` maps a tag back to the ledger's pay, and
+    ``returned_at`` a returned pay to the version of the co-signed state it returned.
 
-
-class VictimPays:
-    """The victim's pays, as its lives wrote them on stdout, in ``ledger`` (in TOKEN): a
-    ``pay`` line before each ``client.pay`` starts, an outcome line when it ends.  A pay
-    with no outcome line when its life was killed is of unknown outcome."""
+    The victim's pays come from its lives' stdout: a ``pay`` line before each pay starts,
+    an outcome line when it ends; a pay with no outcome line when its life was killed is
+    of unknown outcome.  Its tags are its pay ids (``PID.N``), the survivor's ``sN``."""
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
-        self.ids: dict[str, int] = {}  # the victim's pay id -> the ledger's
+        self.tags: dict[bytes, int] = {}
+        self.returned_at: dict[int, int] = {}
+        self._tag_of: dict[int, bytes] = {}
+        self._victim_ids: dict[str, int] = {}  # the victim's pay id -> the ledger's
+
+    def _new_pay(self, asset: bytes, amount: int, tag: bytes) -> int:
+        assert tag not in self.tags, f"pay tag {tag!r} used twice"
+        pay_id = self.tags[tag] = self.ledger.new_pay(0, asset, amount)
+        self._tag_of[pay_id] = tag
+        return pay_id
+
+    def survivor_pay(self, amount: int) -> tuple[int, bytes]:
+        """A new pay of the survivor's: its ledger id and its tag."""
+        tag = f"s{len(self.ledger.pays)}".encode()
+        return self._new_pay(ETH, amount, tag), tag
+
+    def settle(
+        self,
+        pay_id: int,
+        outcome: str,
+        error: str = "",
+        reason: str = "",
+        version: int | None = None,
+    ) -> None:
+        """Count how pay ``pay_id`` ended, as ``test_client_chaos.pay_forever`` does
+        (``version``: of the state a pay that returned returned)."""
+        ledger = self.ledger
+        chan, asset, amount = ledger.pays[pay_id]
+        assert pay_id not in ledger.outcomes, f"pay #{pay_id} ended twice"
+        kind = ledger.outcomes[pay_id] = OUTCOMES[outcome]
+        ledger.sums[chan, asset][kind] += amount
+        ledger.counts[kind] += 1
+        if kind == RETURNED:
+            assert version is not None, f"pay #{pay_id} returned no version"
+            self.returned_at[pay_id] = version
+        elif kind == REFUSED:
+            ledger.reasons[pay_id] = f"{error}({reason!r})"
+            ledger.refusals[f"{error}: {re.sub(r'[0-9a-f]{16}|[0-9]+', '#', reason)}"] += 1
 
     def on_line(self, msg: dict[str, Any], pending: set[str]) -> None:
-        """One pay line of a life whose pays still awaiting an outcome are ``pending``."""
+        """One pay line of a victim's life whose pays still awaiting an outcome are
+        ``pending``."""
         pay_id = str(msg["id"])
         if msg["ev"] == "pay":
-            assert pay_id not in self.ids, f"the victim used pay id {pay_id} twice"
-            self.ids[pay_id] = self.ledger.new_pay(0, crash_party.TOKEN, int(msg["amount"]))
+            assert pay_id not in self._victim_ids, f"the victim used pay id {pay_id} twice"
+            self._victim_ids[pay_id] = self._new_pay(
+                crash_party.TOKEN, int(msg["amount"]), pay_id.encode()
+            )
             pending.add(pay_id)
             return
         assert pay_id in pending, f"victim: {msg} for no pay awaiting its outcome"
         pending.remove(pay_id)
-        settle(
-            self.ledger, self.ids[pay_id], msg["ev"], msg.get("error", ""), msg.get("reason", "")
+        self.settle(
+            self._victim_ids[pay_id],
+            msg["ev"],
+            msg.get("error", ""),
+            msg.get("reason", ""),
+            msg.get("version"),
         )
 
     def died(self, pending: set[str]) -> None:
-        """The life is over: its pays still awaiting are of unknown outcome."""
+        """The victim's life is over: its pays still awaiting are of unknown outcome."""
         for pay_id in sorted(pending):
-            settle(self.ledger, self.ids[pay_id], crash_party.UNKNOWN)
+            self.settle(self._victim_ids[pay_id], crash_party.UNKNOWN)
         pending.clear()
+
+    def describe(self, pay_id: int) -> str:
+        """``pay s12 (345 ETH, returned)``, for the messages."""
+        _, asset, amount = self.ledger.pays[pay_id]
+        tag = self._tag_of[pay_id].decode()
+        unit = "ETH" if asset == ETH else "TOKEN"
+        return f"pay {tag} ({amount} {unit}, {self.ledger.outcomes.get(pay_id, 'never ended')})"
+
+
+def moved(final: State, asset: bytes, survivor: int) -> int:
+    """T: what the payer of ``asset`` (the survivor pays ETH, the victim TOKEN) has paid
+    by ``final``."""
+    # BALANCES' opener column is the victim's, whichever side opens.
+    victim_had, survivor_had = next((v, s) for a, v, s in crash_party.BALANCES if a == asset)
+    balances = final.allocation(asset).balances
+    if asset == ETH:
+        return survivor_had - balances[survivor]
+    return victim_had - balances[1 - survivor]
 
 
 def check_pays(ledger: Ledger, final: State, survivor: int) -> str:
@@ -299,14 +380,8 @@ def check_pays(ledger: Ledger, final: State, survivor: int) -> str:
     made, no pay is made twice.  Every pay must have ended.  Returns the figures."""
     assert len(ledger.outcomes) == len(ledger.pays), "a pay never ended"
     figures, errors = [], []
-    for name, asset, survivor_pays in DIRECTIONS:
-        # BALANCES' opener column is the victim's, whichever side opens.
-        victim_had, survivor_had = next((v, s) for a, v, s in crash_party.BALANCES if a == asset)
-        balances = final.allocation(asset).balances
-        if survivor_pays:
-            t = survivor_had - balances[survivor]
-        else:
-            t = victim_had - balances[1 - survivor]
+    for name, asset, _ in DIRECTIONS:
+        t = moved(final, asset, survivor)
         sums = ledger.sums[0, asset]
         r, u = sums[RETURNED], sums[UNKNOWN]
         n = collections.Counter(
@@ -320,6 +395,140 @@ def check_pays(ledger: Ledger, final: State, survivor: int) -> str:
             errors.append(f"{what}: T > R + U, a refused pay was made or a pay made twice")
     assert not errors, "; ".join(errors)
     return "; ".join(figures)
+
+
+# ---------------------------------------------------------------------------
+# check (5): which pays are in the final state, pay by pay
+
+
+def _signed_at(
+    rec: Recorder, cosigned: dict[int, State], who: str, cid: bytes, v: int
+) -> State | None:
+    """The state of version ``v`` that ``who`` signed: what a proposal of ``who``'s built
+    on ``v`` was computed from (its own in-flight proposal, or a co-signed state, which
+    it signed too).  Rule S makes it unique; None if it is not known."""
+    if who == SURVIVOR:
+        mine = rec.mine.get((cid, v))
+        return mine if mine is not None else cosigned.get(v)
+    states = list(rec.got.get((cid, v), {}).values())
+    return states[0] if len(states) == 1 else None
+
+
+def pay_chain(rec: Recorder, ledger: Ledger, final: State) -> list[tuple[State, str]]:
+    """The chain of ``final``: every proposal whose update ``final`` includes, oldest
+    first, each with its proposer; version 0 first.
+
+    An ``Accept`` for version v accepts every proposal of the proposer up to v, and a
+    ``Sync`` may settle several at once: a co-signed state includes the proposals it
+    was built on, which no co-signed state of their own may name.  So the chain is walked
+    back from ``final`` by the proposals' ``base_version`` (each built on the state of
+    that version its proposer signed), not by the co-signed states alone."""
+    cid = final.channel_id
+    cosigned = {v: s.state for v, s in ledger.states[cid].items()}
+    chain: list[tuple[State, str]] = []
+    state = final
+    while state.version > 0:
+        entry = rec.proposed.get(state)
+        assert entry is not None, f"v{state.version} of the chain: never proposed to the survivor"
+        who, base = entry
+        chain.append((state, who))
+        prev = _signed_at(rec, cosigned, who, cid, base)
+        assert prev is not None and prev.version == base < state.version, (
+            f"v{state.version} ({who}'s) was built on v{base}, which {who} signed: not known"
+        )
+        state = prev
+    assert state == cosigned.get(0), "the chain of the final state does not start at v0"
+    chain.append((state, "opener"))
+    chain.reverse()
+    return chain
+
+
+def check_chain(book: PayBook, rec: Recorder, final: State, survivor: int) -> str:
+    """Check (5), exact: every state on the chain of ``final`` (every proposal whose
+    update it includes, see ``pay_chain``) names the pay whose proposal it is, and moves
+    exactly that pay's amount from its payer to the other, nothing else.  Then, per pay:
+    every returned pay is on the chain (at or below the version it returned), no refused
+    pay is, no pay is twice; and per direction T is the sum of the pays on the chain.  So
+    the pays made are the returned ones plus a subset of the unknown ones, known exactly;
+    and every co-signed state the survivor learnt of is on the chain (none was undone).
+    Returns the figures."""
+    ledger = book.ledger
+    assert not ledger.problems, ledger.problems[:10]
+    assert len(ledger.outcomes) == len(ledger.pays), "a pay never ended"
+    chain = pay_chain(rec, ledger, final)
+    on_chain = {s.version: s for s, _ in chain}
+    errors: list[str] = []
+    made: dict[int, int] = {}  # pay id -> the version of its proposal on the chain
+    paid: collections.Counter[bytes] = collections.Counter()
+    for (prev, _), (state, who) in itertools.pairwise(chain):
+        step = f"v{prev.version} -> v{state.version} ({who}'s)"
+        pay_id = book.tags.get(state.app_data)
+        if pay_id is None:
+            errors.append(f"{step} names no pay: app data {state.app_data!r}")
+            continue
+        _, asset, amount = ledger.pays[pay_id]
+        what = book.describe(pay_id)
+        if who != (SURVIVOR if asset == ETH else VICTIM):
+            errors.append(f"{step} names the other party's {what}")
+        if pay_id in made:
+            errors.append(
+                f"{what} is made twice: its proposals v{made[pay_id]} and v{state.version} "
+                f"are both on the chain of v{final.version}"
+            )
+        made.setdefault(pay_id, state.version)
+        if ledger.outcomes[pay_id] == REFUSED:
+            errors.append(
+                f"{what} raised {ledger.reasons[pay_id]}, yet its proposal v{state.version} "
+                f"is on the chain of v{final.version}: made"
+            )
+        payer = survivor if asset == ETH else 1 - survivor
+        want = tagged_pay(payer, asset, amount, state.app_data)(prev).allocations
+        if state.allocations != want:
+            errors.append(
+                f"{step} moves {[a.balances for a in state.allocations]} from "
+                f"{[a.balances for a in prev.allocations]}: not exactly {what}"
+            )
+        paid[asset] += amount
+    for v, s in sorted(ledger.states[final.channel_id].items()):
+        if on_chain.get(v) != s.state:
+            errors.append(f"co-signed v{v} is not on the chain of v{final.version}: undone")
+    for pay_id, outcome in ledger.outcomes.items():
+        if outcome != RETURNED:
+            continue
+        at, returned = made.get(pay_id), book.returned_at[pay_id]
+        if at is None:
+            errors.append(
+                f"{book.describe(pay_id)} returned v{returned}, but no state on the chain of "
+                f"v{final.version} names it: reported made, never made"
+            )
+        elif at > returned or returned not in on_chain:
+            errors.append(
+                f"{book.describe(pay_id)} returned v{returned}, which does not include it "
+                f"(its proposal is v{at})"
+            )
+    figures = []
+    for name, asset, _ in DIRECTIONS:
+        t = moved(final, asset, survivor)
+        mine = [i for i in made if ledger.pays[i][1] == asset]
+        n = collections.Counter(ledger.outcomes[i] for i in mine)
+        unknown = sum(
+            1
+            for i, (_, a, _) in enumerate(ledger.pays)
+            if a == asset and ledger.outcomes[i] == UNKNOWN
+        )
+        figures.append(
+            f"{name} T={t} = {len(mine)} pays on the chain ({n[RETURNED]} returned, "
+            f"{n[UNKNOWN]} of {unknown} unknown)"
+        )
+        if t != paid[asset]:
+            errors.append(f"{name}: T={t}, but the pays on the chain sum to {paid[asset]}")
+    if errors:  # raised, not asserted: the message is the errors, one a line, and no more
+        raise AssertionError("\n".join(errors[:20]))
+    seen = len(ledger.states[final.channel_id]) - 1
+    return (
+        f"{len(chain) - 1} proposals on the chain of v{final.version}, {seen} of them "
+        f"co-signed states the survivor learnt of: " + "; ".join(figures)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -348,7 +557,7 @@ class Victim:
     #: Every life started, so a failing test leaves no orphan behind.
     started: ClassVar[list[trio.Process]] = []
 
-    def __init__(self, proc: trio.Process, log: Any, pays: VictimPays) -> None:
+    def __init__(self, proc: trio.Process, log: Any, pays: PayBook) -> None:
         self.proc = proc
         self.log = log
         self.pays = pays
@@ -371,7 +580,7 @@ class Victim:
         env: dict[str, str],
         log_path: Path,
         nursery: trio.Nursery,
-        pays: VictimPays,
+        pays: PayBook,
     ) -> Victim:
         """Start a life; its stdout is read by a task in ``nursery``."""
         log = _open_log(log_path)
@@ -444,13 +653,13 @@ class Victim:
 
 class SurvivorPayer:
     """The survivor's ``n`` pay loops, in ETH only (the victim pays TOKEN); each pay and
-    its outcome is counted in ``ledger``."""
+    its outcome is counted in ``book``."""
 
     def __init__(
-        self, client: Client, cid: bytes, nursery: trio.Nursery, n: int, ledger: Ledger
+        self, client: Client, cid: bytes, nursery: trio.Nursery, n: int, book: PayBook
     ) -> None:
         self.client, self.cid, self.nursery, self.n = client, cid, nursery, n
-        self.ledger = ledger
+        self.book = book
         self.running = False
         self.done: trio.Event = trio.Event()
         self.done.set()
@@ -475,9 +684,9 @@ class SurvivorPayer:
         try:
             while self.running:
                 amount = rng.randint(1, crash_party.MAX_AMOUNT)
-                pay_id = self.ledger.new_pay(0, ETH, amount)
-                report = partial(settle, self.ledger, pay_id)
-                outcome = await crash_party.pay(self.client, self.cid, ETH, amount, report)
+                pay_id, tag = self.book.survivor_pay(amount)
+                report = partial(self.book.settle, pay_id)
+                outcome = await crash_party.pay(self.client, self.cid, ETH, amount, tag, report)
                 if outcome != crash_party.PAID:
                     await trio.sleep(0.002)
         finally:
@@ -600,7 +809,9 @@ async def test_sigkill_victim_keeps_every_signed_state(
     holding every state whose signature it had sent, never signs a version twice with
     different content, and resyncs with its peer to the same latest co-signed version;
     the final balances conserve the totals; and in each direction, what moved is every
-    pay reported made plus some of those of unknown outcome (none refused, none twice).
+    pay reported made plus some of those of unknown outcome (none refused, none twice):
+    in sum (``R <= T <= R + U``), and pay by pay (each state on the final state's chain
+    names one pay and moves exactly its amount).
     The lock-step cases (one party paying one at a time, the other only answering) run
     the client's lock-step shortcut on the victim's side, as proposer and as responder:
     each commit made by the task that emitted it, each frame written straight to the
@@ -619,7 +830,7 @@ async def test_sigkill_victim_keeps_every_signed_state(
     flowing = 0  # 'stream' kills that landed while the victim's signatures kept coming
     resync_versions: list[int] = []
     ledger = Ledger()
-    pays = VictimPays(ledger)
+    pays = PayBook(ledger)
 
     async with (
         open_client(
@@ -627,7 +838,7 @@ async def test_sigkill_victim_keeps_every_signed_state(
         ) as surv,
         trio.open_nursery() as nursery,
     ):
-        rec = Recorder(surv, victim_key.address)
+        rec = Recorder(surv, victim_key.address, ledger)
         if victim_role == "opener":
             argv = _opener_argv(store_path, surv)
         else:
@@ -670,7 +881,7 @@ async def test_sigkill_victim_keeps_every_signed_state(
                     ready = await victim.expect("ready")
                     cid = bytes.fromhex(ready["cid"])
                     if payer is None:
-                        payer = SurvivorPayer(surv, cid, nursery, survivor_loops, ledger)
+                        payer = SurvivorPayer(surv, cid, nursery, survivor_loops, pays)
                     await payer.stop()
                     resync_versions.append(await check_converged(victim, surv, cid))
                     payer.go()
@@ -715,6 +926,7 @@ async def test_sigkill_victim_keeps_every_signed_state(
     )
     try:
         accounts = check_pays(ledger, latest.state, surv.me(cid))
+        chain = check_chain(pays, rec, latest.state, surv.me(cid))
     except AssertionError:
         print(f"CRASH_SEED={seed}; victim log: {log_path}")
         raise
@@ -732,7 +944,7 @@ async def test_sigkill_victim_keeps_every_signed_state(
         f"final v{final_v}, "
         f"{stats['checked']} victim-signed versions checked {stats} {totals}, "
         f"max pipeline depth {rec.max_depth}, converged after restarts at "
-        f"{resync_versions}; pays {accounts}; refusals {dict(ledger.refusals)}; "
+        f"{resync_versions}; pays {accounts}; {chain}; refusals {dict(ledger.refusals)}; "
         f"{time.monotonic() - t0:.1f}s"
     )
 
@@ -759,7 +971,7 @@ async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: P
     store_path = tmp_path / "victim.sqlite"
     caught = None
     async with _survivor(tmp_path) as (surv, nursery):
-        rec = Recorder(surv, victim_key.address)
+        rec = Recorder(surv, victim_key.address, Ledger())
         argv = _opener_argv(store_path, surv)
         try:
             for _ in range(3):
@@ -768,7 +980,7 @@ async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: P
                     _victim_env("send-before-persist"),
                     tmp_path / "victim.log",
                     nursery,
-                    VictimPays(Ledger()),
+                    PayBook(Ledger()),
                 )
                 await victim.expect("ready")
                 proposed = rec.arm(lambda m: isinstance(m, Propose))
@@ -791,18 +1003,23 @@ async def test_the_checks_catch_a_party_that_sends_before_persisting(tmp_path: P
 
 
 @pytest.mark.parametrize(
-    ("fault", "verdict"),
-    [("pay-twice", "made twice"), ("pay-unmade", "reported made are not")],
+    ("fault", "verdict", "exact_verdict"),
+    [
+        ("pay-twice", "made twice", "is made twice"),
+        ("pay-unmade", "reported made are not", "reported made, never made"),
+    ],
 )
 async def test_the_checks_catch_pays_misreported_to_their_callers(
-    tmp_path: Path, fault: str, verdict: str
+    tmp_path: Path, fault: str, verdict: str, exact_verdict: str
 ) -> None:
     """The accounting of the pays is not vacuous: a victim whose pays are made twice and
     reported once, or reported made though never proposed (TEST-ONLY faults in
-    crash_party), fails ``R <= T <= R + U``, across a SIGKILL mid-stream and a restart."""
+    crash_party), fails ``R <= T <= R + U`` and the exact check, across a SIGKILL
+    mid-stream and a restart."""
     ledger = Ledger()
-    pays = VictimPays(ledger)
+    pays = PayBook(ledger)
     async with _survivor(tmp_path) as (surv, nursery):
+        rec = Recorder(surv, Signer.from_bytes(VICTIM_SECRET).address, ledger)
         argv = _opener_argv(tmp_path / "victim.sqlite", surv)
         try:
             for life in range(2):
@@ -827,3 +1044,75 @@ async def test_the_checks_catch_pays_misreported_to_their_callers(
         check_pays(ledger, latest.state, surv.me(cid))
     print(f"caught: {caught.value}")
     assert verdict in str(caught.value), caught.value
+    with pytest.raises(AssertionError) as exact:
+        check_chain(pays, rec, latest.state, surv.me(cid))
+    print(f"caught exactly: {str(exact.value).splitlines()[0]}")
+    assert exact_verdict in str(exact.value), exact.value
+
+
+#: Lives of the victim, at most, until R + U has room for one pay made twice.
+ONE_PAY_LIVES = 12
+
+
+async def test_the_exact_check_catches_one_pay_made_twice(tmp_path: Path) -> None:
+    """One pay made twice and reported once among hundreds of honest ones (TEST-ONLY
+    fault ``one-pay-twice`` in crash_party, in the victim's first life) hides in the slack
+    of ``R <= T <= R + U`` (the pays of unknown outcome that were not made leave room
+    for it: lives are killed mid-stream, both sides paying, until they do), and the exact
+    check names it, and it alone."""
+    ledger = Ledger()
+    book = PayBook(ledger)
+    doubled: dict[str, Any] | None = None
+    room = -1
+    async with _survivor(tmp_path) as (surv, nursery):
+        rec = Recorder(surv, Signer.from_bytes(VICTIM_SECRET).address, ledger)
+        argv = _opener_argv(tmp_path / "victim.sqlite", surv)
+        payer: SurvivorPayer | None = None
+        try:
+            for life in range(ONE_PAY_LIVES):
+                env = _victim_env("one-pay-twice" if life == 0 else None)
+                victim = await Victim.start(argv, env, tmp_path / "victim.log", nursery, book)
+                cid = bytes.fromhex((await victim.expect("ready"))["cid"])
+                if payer is None:
+                    payer = SurvivorPayer(surv, cid, nursery, 3, book)
+                await payer.stop()
+                final_v = await check_converged(victim, surv, cid)
+                if doubled is not None:
+                    # Every pay has ended: what R + U leaves over T, the extra pay counted.
+                    latest = surv.latest(cid)
+                    assert latest is not None
+                    sums = ledger.sums[0, crash_party.TOKEN]
+                    t = moved(latest.state, crash_party.TOKEN, surv.me(cid))
+                    room = sums[RETURNED] + sums[UNKNOWN] - t
+                    if room >= 0:
+                        break
+                payer.go()
+                assert victim.proc.stdin is not None
+                await victim.proc.stdin.send_all(b"go 6\n")
+                if doubled is None:
+                    doubled = await victim.expect("paid-twice")
+                    await trio.sleep(0.1)
+                else:
+                    # Early, so that pays have started whose proposals are not yet
+                    # durable: of unknown outcome, and never made.
+                    await trio.sleep(0.005)
+                await victim.kill()
+            else:
+                raise AssertionError(f"no room in R + U for one extra pay in {life + 1} lives")
+            await victim.exit()
+        finally:
+            Victim.kill_all()
+        nursery.cancel_scope.cancel()
+    assert doubled is not None and room >= 0
+    latest = surv.latest(cid)
+    assert latest is not None and latest.state.version == final_v
+    figures = check_pays(ledger, latest.state, surv.me(cid))  # blind to it
+    with pytest.raises(AssertionError) as caught:
+        check_chain(book, rec, latest.state, surv.me(cid))
+    print(
+        f"pay {doubled['id']} made twice (returned {doubled['returned']}); after {life + 1} "
+        f"lives R + U - T = {room}: R <= T <= R + U passes ({figures}); caught: {caught.value}"
+    )
+    # One error, and about that pay: every honest pay passes the same check.
+    (error,) = str(caught.value).splitlines()
+    assert error.startswith(f"pay {doubled['id']} (") and "is made twice" in error, error
