@@ -6,7 +6,7 @@ The fault is SQLite's own: every ``COMMIT`` of the failing store's connection ra
 ``sqlite3.OperationalError`` (what SQLite raises for ``SQLITE_FULL`` or
 ``SQLITE_IOERR``) from the K-th one on, after the transaction's statements ran, so
 SQLite rolls it back.  The counterparty records every signature the failing party put
-on the wire (``test_crash.Recorder``), and ``test_crash.check_store`` checks the failing
+on the wire (``crash_checks.Recorder``), and ``crash_checks.check_store`` checks the failing
 party's store against it, as after a SIGKILL.
 """
 
@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 import trio
-from test_crash import Recorder, check_store
+from crash_checks import Recorder, check_store
+from test_client_chaos import Ledger
 
 from channel.client import Client, open_client
 from channel.errors import ChannelError, PeerTimeout, StoreError
@@ -96,7 +97,8 @@ async def test_a_store_that_stops_committing_stops_its_client_and_loses_nothing(
     path = tmp_path / "failing.sqlite"
     sums = {"returned": 0, "unknown": 0, "refused": 0}
     async with open_client(peer_key, tmp_path / "peer.sqlite", update_timeout=2) as peer:
-        rec = Recorder(peer, key.address)
+        ledger = Ledger()  # the co-signed states the peer made durable, by version
+        rec = Recorder(peer, key.address, ledger)
         fault: FailingCommits | None = None
         with pytest.raises(StoreError, match="disk is full"):  # as itself, not in a group
             async with open_client(key, path, update_timeout=2) as client:
@@ -136,5 +138,6 @@ async def test_a_store_that_stops_committing_stops_its_client_and_loses_nothing(
     )
     r, u = sums["returned"], sums["unknown"]
     print(f"seed {seed}: COMMIT {fail_from} failed; store check {stats}; {sums}; moved {moved}")
+    assert not ledger.problems and not rec.problems, (ledger.problems, rec.problems)
     assert r > 0  # commits before the K-th succeeded: some pays returned
     assert r <= moved <= r + u, (seed, fail_from, sums, moved)
