@@ -347,13 +347,25 @@ def decode(frame: bytes) -> Message:
         raise DecodeError("a message is an array [protocol_version, type, ...]")
     version, mtype = value[0], value[1]
     if version != PROTOCOL_VERSION or type(version) is not int:
-        raise DecodeError(f"unsupported protocol version {version!r}")
+        raise DecodeError(f"unsupported protocol version {_brief(version)}")
     decoder = _DECODERS.get(mtype) if type(mtype) is int else None
     if decoder is None:
-        raise DecodeError(f"unknown message type {mtype!r}")
+        raise DecodeError(f"unknown message type {_brief(mtype)}")
     try:
         return decoder(value[2:])
     except DecodeError:
         raise
     except (ValueError, TypeError, IndexError) as exc:
         raise DecodeError(f"invalid {decoder.__qualname__.split('.')[0]}: {exc}") from None
+
+
+def _brief(value: object) -> str:
+    """A peer's value, for an error message: short, and never an error itself (``repr``
+    of an integer of over 4,300 digits raises ``ValueError``)."""
+    if type(value) is int and value.bit_length() > 64:
+        return f"<an integer of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:  # a peer's value must not turn a DecodeError into a crash
+        return f"<a {type(value).__name__}>"
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -18,3 +18,8 @@ PIPELINE_WINDOW = 256
 #: the newest of what it has read (one signature, one fsync and one ``Accept`` for the
 #: lot), and at the latest when this many are waiting.
 MAX_DEFERRED = 64
+#: The highest version a state may have.  The adjudicator takes a uint64, but a store
+#: keeps versions in SQLite's signed 64-bit INTEGER: a proposal above this is refused
+#: (``StaleVersion``), and a channel that reaches it takes no more updates (it can still
+#: be claimed and settled on chain with its latest state).
+MAX_VERSION = 2**63 - 1

@@ -113,7 +113,7 @@ from channel.events import (
     SendMessage,
 )
 from channel.keys import verify
-from channel.limits import MAX_DEFERRED, PIPELINE_WINDOW
+from channel.limits import MAX_DEFERRED, MAX_VERSION, PIPELINE_WINDOW
 from channel.state import Params, SignedState, State
 
 #: ``policy(params, latest, proposed) -> None`` to accept or a reason to reject.
@@ -342,6 +342,10 @@ class ChannelMachine:
         if self.window_full():
             raise LocalProtocolError(f"pipeline window of {self.window} is full")
         version = max(self.max_signed, self.peer_max_signed) + 1
+        if version > MAX_VERSION:
+            raise LocalProtocolError(
+                f"channel {self.channel_id.hex()[:16]} has used up its versions (v{MAX_VERSION})"
+            )
         new = State(
             channel_id=self.params.channel_id,
             version=version,
@@ -503,11 +507,19 @@ class ChannelMachine:
                 f"channel {cid} v{state.version}: built on v{p.base_version}, "
                 f"our latest is v{tip.version}"
             )
+        if tip.is_final:  # a final proposal of the peer's awaits our countersignature
+            raise ChannelFinal(f"channel {cid}: v{tip.version} is final")
+        if state.version <= tip.version:
+            raise StaleVersion(f"channel {cid} v{state.version} is not above v{tip.version}")
         if tip.version < state.version <= self.max_signed:
             # Built on our latest, but we signed that version ourselves (a crossing
             # proposal of ours, now burned): a conflict the proposer retries above it.
             raise ProposalConflict(
                 f"channel {cid} v{state.version} collides with our own signed v{self.max_signed}"
+            )
+        if state.version > MAX_VERSION:
+            raise StaleVersion(
+                f"channel {cid} v{state.version}: above the highest version, v{MAX_VERSION}"
             )
         if state.version <= self.max_signed:
             raise StaleVersion(

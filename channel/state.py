@@ -47,7 +47,12 @@ def _uint(bits: int) -> _Validator:
 
     def check(inst: Any, attr: attrs.Attribute[Any], value: Any) -> None:
         if type(value) is not int or not 0 <= value <= limit:
-            raise ValueError(f"{attr.name} must be a uint{bits}, got {value!r}")
+            got = (
+                f"an integer of {value.bit_length()} bits"
+                if type(value) is int and value.bit_length() > 256
+                else repr(value)[:40]  # a peer's value: short in an error message
+            )
+            raise ValueError(f"{attr.name} must be a uint{bits}, got {got}")
 
     return check
 

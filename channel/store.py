@@ -288,7 +288,7 @@ class Store:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, OverflowError) as exc:  # OverflowError: an int64
             raise StoreError(f"{self.path}: {exc}") from None
 
     # -- reads ------------------------------------------------------------------

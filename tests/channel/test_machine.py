@@ -15,6 +15,7 @@ from channel import codec
 from channel.codec import Accept, Open, Propose, Reject, Sync
 from channel.eip712 import state_digest
 from channel.errors import (
+    ChannelFinal,
     ConservationError,
     FundsAtRiskError,
     InvalidSignature,
@@ -26,7 +27,7 @@ from channel.errors import (
     WrongChannel,
 )
 from channel.keys import SECP256K1_N, Signer, verify
-from channel.limits import MAX_DEFERRED, MAX_FRAME
+from channel.limits import MAX_DEFERRED, MAX_FRAME, MAX_VERSION
 from channel.machine import (
     ActionConnected,
     ActionCountersign,
@@ -660,6 +661,12 @@ def _bad_proposals(link: Link) -> dict[str, tuple[Propose, type[Exception]]]:
             ConservationError,
         ),
         "asset-swap": (forge(link, alice, base.version, swapped), ConservationError),
+        # A valid uint64 on the wire and signed, but past what a store can keep (SQLite's
+        # int64): it used to stop the responder's client (OverflowError in the store).
+        "version-past-int64": (
+            forge(link, alice, base.version, next_state(base, MAX_VERSION + 1)),
+            StaleVersion,
+        ),
     }
 
 
@@ -681,7 +688,49 @@ BAD_CASES = [
     "conservation",
     "asset-dropped",
     "asset-swap",
+    "version-past-int64",
 ]
+
+
+def test_a_proposal_built_on_a_held_one_must_be_newer_and_not_follow_a_final_one() -> None:
+    """Checked against the peer's proposal that awaits our countersignature (the tip the
+    next one builds on), a proposal at that same version, or after a final one, is
+    refused: versions go up by one per state, and nothing follows a final state."""
+    link = Link(defer=True)
+    link.open()
+    held = _hold_bobs_pay(link, 4)
+    tip = held.state
+    same = forge(link, link.b.signer, tip.version, next_state(tip, tip.version, payer=1))
+    outs = link.handle(link.a, ReceivePropose(same))
+    assert isinstance(outs[-1], NotifyProtocolError)
+    assert isinstance(outs[-1].error, StaleVersion)
+    # The held one, checked before, stays accepted: countersigned first.
+    latest = link.a.m.latest
+    assert latest is not None and latest.state == tip
+
+    link = Link(defer=True)
+    link.open()
+    base = link.a.m.tip()
+    final = next_state(base, base.version + 1, payer=1, is_final=True)
+    held_final = forge(link, link.b.signer, base.version, final)
+    assert link.handle(link.a, ReceivePropose(held_final)) == []
+    after = forge(link, link.b.signer, final.version, next_state(final, final.version + 1, payer=1))
+    outs = link.handle(link.a, ReceivePropose(after))
+    assert isinstance(outs[-1], NotifyProtocolError)
+    assert isinstance(outs[-1].error, ChannelFinal)
+    latest = link.a.m.latest
+    assert latest is not None and latest.state == final
+
+
+def test_our_own_proposal_past_the_highest_version_is_refused_before_signing() -> None:
+    """A channel whose versions reached MAX_VERSION takes no more updates of ours."""
+    link = Link()
+    link.open()
+    link.a.m.peer_max_signed = MAX_VERSION
+    before = snapshot(link.a.m)
+    with pytest.raises(LocalProtocolError, match="used up its versions"):
+        link.propose(link.a)
+    assert snapshot(link.a.m) == before
 
 
 def _open_at_v2(defer: bool = False) -> Link:
