@@ -179,15 +179,18 @@ class Client:
         peer); ``balances`` are ``(asset, ours, theirs)``.  Returns the channel id once the
         peer has countersigned version 0.  Raises ``UpdateRejected``, ``PeerTimeout`` (no
         link, or no countersignature, within ``update_timeout``), ``TransportError`` (a
-        node id that is not connected)."""
+        node id that is not connected), ``ValueError`` (params or balances no channel can
+        hold, e.g. an asset whose total exceeds uint256; raised before any dialling)."""
         if isinstance(peer, PeerAddress):
-            await self.connect(peer)
             node_id, addr = peer.node_id, str(peer)
         else:
             node_id, addr = peer, None
-        if not self.links.is_connected(node_id):
-            raise TransportError(f"not connected to {node_id.hex()}")
-        peer_addr = address_of_node_id(node_id)
+        try:
+            peer_addr = address_of_node_id(node_id)
+        except ValueError:
+            raise ValueError(
+                f"{node_id.hex()} is not a node id (a compressed public key)"
+            ) from None
         params = Params.new(
             chain_id=chain_id,
             adjudicator=adjudicator,
@@ -196,6 +199,10 @@ class Client:
             app=app,
         )
         initial = State.initial(params, [(asset, ours, theirs) for asset, ours, theirs in balances])
+        if isinstance(peer, PeerAddress):
+            await self.connect(peer)
+        if not self.links.is_connected(node_id):
+            raise TransportError(f"not connected to {node_id.hex()}")
         uid = self._new_update_id()
         machine, outputs = ChannelMachine.open(
             params=params,

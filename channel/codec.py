@@ -24,6 +24,7 @@ from channel.limits import MAX_FRAME
 from channel.state import (
     MAX_APP_DATA,
     MAX_ASSETS,
+    UINT256_MAX,
     Address,
     Allocation,
     ChannelId,
@@ -141,6 +142,8 @@ def state_from_wire(v: object) -> State:
         )
     if len({a.asset for a in allocs}) != len(allocs):
         raise DecodeError("state: an asset appears twice in allocations")
+    if any(a.total > UINT256_MAX for a in allocs):
+        raise DecodeError("state: an asset's total exceeds uint256")
     return State.unchecked(
         ChannelId(_bytes(f[0], 32, "channel_id")),
         _int(f[1], 64, "version"),

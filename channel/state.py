@@ -144,6 +144,12 @@ class Allocation:
         ):
             raise ValueError("balances must be two uint256 values")
 
+    def __attrs_post_init__(self) -> None:
+        # The adjudicator adds them up in uint256 (and reverts on overflow): a channel
+        # holding more than that of one asset could never be funded nor settled.
+        if self.total > UINT256_MAX:
+            raise ValueError("an asset's balances and locked amount add up to more than uint256")
+
     @property
     def total(self) -> int:
         return self.balances[0] + self.balances[1] + self.locked

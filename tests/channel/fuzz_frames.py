@@ -503,8 +503,11 @@ class Forger:
             return Frame("open/the main channel again", data)
         assets = [ETH, *(Address(r.randbytes(20)) for _ in range(r.choice([0, 0, 1, 2, 15])))]
 
-        def balance() -> int:
-            return int(r.choice([0, 1, 10**18, 2**255, UINT256_MAX, r.randrange(2**64)]))
+        def balances() -> tuple[int, int]:
+            """Two balances whose sum fits uint256 (the adjudicator adds them up)."""
+            b0 = int(r.choice([0, 1, 10**18, 2**255, UINT256_MAX, r.randrange(2**64)]))
+            b1 = int(r.choice([0, 1, 10**18, 2**255 - 1, UINT256_MAX, r.randrange(2**64)]))
+            return b0, min(b1, UINT256_MAX - b0)
 
         params = Params(
             chain_id=r.choice([1, 0, 31337, UINT256_MAX, r.randrange(2**256)]),
@@ -514,7 +517,7 @@ class Forger:
             challenge_duration=r.choice([0, 1, 60, UINT64_MAX]),
             app=r.choice([ETH, Address(r.randbytes(20))]),
         )
-        state = State.initial(params, [(a, balance(), balance()) for a in assets])
+        state = State.initial(params, [(a, *balances()) for a in assets])
         pw: list[Any] = codec.params_to_wire(params)
         sw: list[Any] = codec.state_to_wire(state)
         what = r.choice(
@@ -532,6 +535,7 @@ class Forger:
                 "chain-id-2**256",
                 "31-byte-salt",
                 "no-allocations",
+                "total-over-uint256",
             ]
         )
         sig: Any = None
@@ -558,6 +562,12 @@ class Forger:
             pw[4] = pw[4][:31]
         elif what == "no-allocations":
             sw[2] = []
+        elif what == "total-over-uint256":
+            # Each balance is a uint256, their sum is not; signed as it is.
+            sw[2][-1][1], sw[2][-1][2] = UINT256_MAX, r.choice([1, UINT256_MAX])
+            over = Allocation.unchecked(Address(sw[2][-1][0]), (sw[2][-1][1], sw[2][-1][2]), 0)
+            allocs = (*state.allocations[:-1], over)
+            sig = self.sign(params, State.unchecked(state.channel_id, 0, allocs, b"", False))
         if sig is None:
             try:
                 sig = self.sign(codec.params_from_wire(pw), codec.state_from_wire(sw))

@@ -21,7 +21,7 @@ from channel.eip712 import state_digest
 from channel.errors import LocalProtocolError, PeerTimeout, UpdateRejected
 from channel.keys import HALF_N, SECP256K1_N, Signer, recover
 from channel.noise import ACT_TWO_SIZE, Initiator
-from channel.state import ETH, Params, State
+from channel.state import ETH, UINT256_MAX, Address, Allocation, Params, State
 from channel.store import WARM_WAL_BYTES, Store
 from channel.transport import Connection, PeerAddress, connect
 
@@ -453,9 +453,20 @@ async def test_raising_policy_refuses_instead_of_crashing(tmp_path: Path) -> Non
         assert signed.state.allocations[0].balances == (TOTAL + 1, TOTAL - 1)
 
 
-async def test_open_with_locked_funds_is_refused_and_responder_survives(tmp_path: Path) -> None:
-    """An Open whose initial state locks funds is refused with an Error; the responder
-    keeps serving honest peers."""
+@pytest.mark.parametrize(
+    ("fault", "balances", "locked", "error"),
+    [
+        ("locks funds", (5, 10), 5, "ConservationError: "),
+        # Each balance a uint256, their sum not: the adjudicator could never hold it.
+        ("total over uint256", (UINT256_MAX, 1), 0, "DecodeError: "),
+    ],
+)
+async def test_an_invalid_open_is_refused_and_responder_survives(
+    tmp_path: Path, fault: str, balances: tuple[int, int], locked: int, error: str
+) -> None:
+    """An Open whose initial state locks funds, or holds more of an asset than uint256,
+    is refused with a typed Error, nothing is stored, and the responder keeps serving
+    honest peers."""
     alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
     async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
         params = Params.new(
@@ -464,23 +475,16 @@ async def test_open_with_locked_funds_is_refused_and_responder_survives(tmp_path
             participants=(alice_key.address, bob_key.address),
             challenge_duration=60,
         )
-        bad = attrs.evolve(
-            State.initial(params, [(ETH, 10, 10)]),
-            allocations=(
-                attrs.evolve(
-                    State.initial(params, [(ETH, 10, 10)]).allocations[0],
-                    balances=(5, 10),
-                    locked=5,
-                ),
-            ),
-        )
+        # Built unchecked: the validating constructors refuse the overflowing total.
+        alloc = Allocation.unchecked(Address(ETH), balances, locked)
+        bad = State.unchecked(params.channel_id, 0, (alloc,), b"", False)
         frame = codec.encode(
             codec.Open(
                 params=params, state=bad, signature=alice_key.sign(state_digest(params, bad))
             )
         )
         (reason,) = await _raw_stranger_frames(bob, [frame], alice_key)
-        assert reason.startswith("ConservationError: "), reason
+        assert reason.startswith(error), (fault, reason)
         assert _durable(tmp_path / "bob.sqlite") == ([], [])
         assert bob.channels() == []
         async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
@@ -702,6 +706,46 @@ async def test_connecting_to_an_unreachable_peer_raises_peer_timeout_and_keeps_r
             cid = await _open(alice, bob, 5)
             await alice.pay(cid, ETH, 2)
             await _wait_same(alice, bob, cid)
+
+
+async def test_open_channel_with_balances_no_channel_can_hold_raises_before_dialling(
+    tmp_path: Path,
+) -> None:
+    """Balances whose sum exceeds uint256 (the adjudicator could never hold them), or a
+    node id that is no public key, raise ValueError at once: nothing is dialled, stored
+    or left behind, and the client goes on opening channels."""
+    bob_key = Signer.generate()  # test-only key
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here: a dial would wait for the timeout
+    address = PeerAddress(node_id=bob_key.node_id, host="127.0.0.1", port=port)
+    async with open_client(
+        Signer.generate(), tmp_path / "alice.sqlite", update_timeout=30
+    ) as alice:
+        with trio.fail_after(2):
+            with pytest.raises(ValueError, match="more than uint256"):
+                await alice.open_channel(
+                    address,
+                    chain_id=1,
+                    adjudicator=ADJ,
+                    challenge_duration=60,
+                    balances=[(ETH, UINT256_MAX, 1)],
+                )
+            with pytest.raises(ValueError, match="not a node id"):
+                await alice.open_channel(
+                    b"\x05" * 33,
+                    chain_id=1,
+                    adjudicator=ADJ,
+                    challenge_duration=60,
+                    balances=[(ETH, 1, 1)],
+                )
+        assert alice.channels() == []
+        assert not alice.links.is_connected(bob_key.node_id)
+        async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+            cid = await _open(alice, bob, 5)
+            await alice.pay(cid, ETH, 2)
+            await _wait_same(alice, bob, cid)
+    assert [bytes(row[0]) for row in _durable(tmp_path / "alice.sqlite")[0]] == [cid]
 
 
 async def test_remember_peer_address_is_checked_and_redialled_after_a_restart(

@@ -6,6 +6,7 @@ from typing import Any
 
 import cbor2
 import pytest
+from amounts import amounts
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -54,8 +55,8 @@ def states(draw: st.DrawFn, channel_id: bytes | None = None) -> State:
         channel_id=ChannelId(channel_id) if channel_id is not None else draw(channel_ids),
         version=draw(u64),
         allocations=tuple(
-            Allocation(asset=a, balances=(draw(u256), draw(u256)), locked=draw(u256))
-            for a in assets
+            Allocation(asset=a, balances=(b0, b1), locked=locked)
+            for a, (b0, b1, locked) in ((a, draw(amounts())) for a in assets)
         ),
         app_data=draw(st.binary(max_size=300)),
         is_final=draw(st.booleans()),
@@ -503,13 +504,21 @@ _field_values = st.one_of(
 )
 _valid_allocation = st.tuples(
     st.sampled_from([b"\x00" * 20, b"\x01" * 20, b"\x03" * 20, b"\x04" * 20]),
+    amounts(),
+).map(lambda t: [t[0], *t[1]])
+# Each amount a uint256, their sum maybe not: the decoder and the constructor refuse the
+# same ones.
+_uint256_allocation = st.tuples(
+    st.sampled_from([b"\x00" * 20, b"\x01" * 20]),
     st.integers(min_value=0, max_value=2**256 - 1),
     st.integers(min_value=0, max_value=2**256 - 1),
     st.integers(min_value=0, max_value=2**256 - 1),
 ).map(list)
 _valid_allocations = st.lists(_valid_allocation, min_size=1, max_size=4, unique_by=lambda a: a[0])
 _any_allocations = st.lists(
-    st.one_of(_valid_allocation, st.lists(_field_values, min_size=3, max_size=5)),
+    st.one_of(
+        _valid_allocation, _uint256_allocation, st.lists(_field_values, min_size=3, max_size=5)
+    ),
     max_size=MAX_ASSETS + 1,
 )
 
@@ -553,3 +562,30 @@ def test_decoder_accepts_exactly_what_the_validators_accept(fields: list[Any]) -
             codec.state_from_wire(fields)
     else:
         assert codec.state_from_wire(fields) == expected
+
+
+@pytest.mark.parametrize(
+    ("balances", "locked", "fits"),
+    [
+        ((UINT256_MAX, 0), 0, True),
+        ((UINT256_MAX - 5, 3), 2, True),
+        ((UINT256_MAX, 1), 0, False),
+        ((1, UINT256_MAX), 0, False),
+        ((UINT256_MAX - 5, 3), 3, False),
+    ],
+)
+def test_an_asset_total_over_uint256_is_refused_by_decoder_and_constructor(
+    balances: tuple[int, int], locked: int, fits: bool
+) -> None:
+    """Each amount is a uint256, and so must their sum be: the adjudicator adds them up
+    (checked arithmetic), so a state holding more could never be funded nor settled."""
+    wire = [b"\x02" * 32, 0, [[b"\x01" * 20, balances[0], balances[1], locked]], b"", False]
+    if fits:
+        state = codec.state_from_wire(wire)
+        assert state.allocations[0].total <= UINT256_MAX
+        assert Allocation(asset=Address(b"\x01" * 20), balances=balances, locked=locked)
+    else:
+        with pytest.raises(DecodeError, match="total exceeds uint256"):
+            codec.state_from_wire(wire)
+        with pytest.raises(ValueError, match="more than uint256"):
+            Allocation(asset=Address(b"\x01" * 20), balances=balances, locked=locked)

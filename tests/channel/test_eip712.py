@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from amounts import amounts
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +20,6 @@ from channel.state import UINT64_MAX, UINT256_MAX, Address, Allocation, Params, 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 addresses = st.binary(min_size=20, max_size=20)
-uint256 = st.integers(min_value=0, max_value=UINT256_MAX)
 secrets = st.integers(min_value=1, max_value=SECP256K1_N - 1).map(lambda n: n.to_bytes(32, "big"))
 
 
@@ -36,12 +36,8 @@ def params_and_states(draw: st.DrawFn) -> tuple[Params, State]:
     )
     assets = draw(st.lists(addresses, min_size=1, max_size=4, unique=True))
     allocations = tuple(
-        Allocation(
-            asset=Address(asset),
-            balances=(draw(uint256), draw(uint256)),
-            locked=draw(uint256),
-        )
-        for asset in assets
+        Allocation(asset=Address(asset), balances=(b0, b1), locked=locked)
+        for asset, (b0, b1, locked) in ((a, draw(amounts())) for a in assets)
     )
     state = State(
         channel_id=params.channel_id,
