@@ -56,7 +56,7 @@ from channel.lane import (
     UpdateFn,
     Waiter,
 )
-from channel.limits import PIPELINE_WINDOW, UPDATE_TIMEOUT
+from channel.limits import MAX_CHANNELS, MAX_CHANNELS_PER_PEER, PIPELINE_WINDOW, UPDATE_TIMEOUT
 from channel.links import Links
 from channel.machine import (
     ActionCountersign,
@@ -104,6 +104,8 @@ class Client:
         update_timeout: float = UPDATE_TIMEOUT,
         window: int = PIPELINE_WINDOW,
         require_funding: bool = False,
+        max_channels_per_peer: int = MAX_CHANNELS_PER_PEER,
+        max_channels: int = MAX_CHANNELS,
     ) -> None:
         self.signer = signer
         self.store = store
@@ -136,6 +138,8 @@ class Client:
             window=window,
             require_funding=require_funding,
             pump=self._pump,
+            max_channels_per_peer=max_channels_per_peer,
+            max_channels=max_channels,
         )
         self._load()
 
@@ -471,6 +475,15 @@ class Client:
             self._channels[rec.params.channel_id] = Lane(
                 machine, rec.peer_node_id, rec.peer_addr, rec.status
             )
+            self._close_if_refused(rec.params.channel_id)  # a crash came before its status
+
+    def _close_if_refused(self, channel_id: bytes) -> None:
+        """An ``Open`` of ours the peer refused leaves a channel with no state at all:
+        it never existed, so it is closed (it holds no slot under the peer's caps, and
+        nothing about it is said on reconnect)."""
+        ch = self._channels[channel_id]
+        if ch.status != CLOSED and not ch.machine.is_open and not ch.machine.pending:
+            self.set_status(channel_id, CLOSED)
 
     async def _await_result(
         self, waiter: Waiter, channel_id: bytes, version: int
@@ -533,6 +546,8 @@ class Client:
                     ch.note_accepted()
                 elif note.retryable:
                     ch.note_conflict()
+                else:
+                    self._close_if_refused(cid)
                 self._pump(ch)  # a slot freed (or the channel just opened)
         elif isinstance(note, NotifyReceived):
             ch = self._channels.get(note.signed.state.channel_id)
@@ -568,9 +583,10 @@ class Client:
 
     def remember_peer_address(self, channel_id: bytes, address: PeerAddress) -> None:
         """Where to reach the peer of ``channel_id`` from now on (say, of a channel the
-        peer opened, whose address we never learnt): the next start redials it.  Durable
-        with the next commit (``drain`` waits for it).  Raises ``LocalProtocolError`` for
-        a channel we do not hold or an address of another key than the channel's peer."""
+        peer opened, whose address we never learnt, or a peer that moved): the next start
+        redials it there, and so does a redial loop running now.  Durable with the next
+        commit (``drain`` waits for it).  Raises ``LocalProtocolError`` for a channel we
+        do not hold or an address of another key than the channel's peer."""
         lane = self._channel(channel_id)
         if address.node_id != lane.peer_node_id:
             raise LocalProtocolError(
@@ -578,6 +594,8 @@ class Client:
             )
         lane.peer_addr = str(address)
         self.outbox.add_op(PersistPeerAddress(channel_id=channel_id, peer_addr=str(address)))
+        if address.node_id in self.links.dialing:
+            self.links.redial(address)
 
     async def drain(self) -> None:
         """Wait until everything emitted so far is durable and handed to the sockets."""
@@ -597,12 +615,18 @@ async def open_client(
     update_timeout: float = UPDATE_TIMEOUT,
     window: int = PIPELINE_WINDOW,
     require_funding: bool = False,
+    max_channels_per_peer: int = MAX_CHANNELS_PER_PEER,
+    max_channels: int = MAX_CHANNELS,
 ) -> AsyncIterator[Client]:
     """Run a client: load (or create) the store, listen on ``host:port`` (``port=None``
     to not listen), reconnect to known peers, and close everything cleanly on exit.
 
     ``require_funding``: new channels start as ``funding`` and accept no updates until
     ``channel.onchain.fund`` has seen both deposits confirmed on chain.
+
+    ``max_channels_per_peer``, ``max_channels``: a peer's ``Open`` is refused (the
+    opener gets ``UpdateRejected``) while that peer already has that many live (not
+    closed) channels with us, or we have that many in all; our own opens are not capped.
 
     An exception that ends the client (from the block, or ``StoreError`` when the store
     stops committing) leaves the ``async with`` as itself; several at once leave as one
@@ -623,6 +647,8 @@ async def open_client(
         update_timeout=update_timeout,
         window=window,
         require_funding=require_funding,
+        max_channels_per_peer=max_channels_per_peer,
+        max_channels=max_channels,
     )
     try:
         async with trio.open_nursery() as nursery:

@@ -2,9 +2,10 @@
 
 Every frame from an authenticated peer is decoded and routed to its channel's
 machine, and the machine's outputs go to the outbox.  An ``Open`` from a new
-counterparty is vetted (it must name us, come from its first participant's key, and
-pass the open policy) before a channel exists.  A frame that is refused gets an
-``Error`` reply and changes nothing; only ``FundsAtRiskError`` escapes.
+counterparty is vetted (it must name us, come from its first participant's key, fit
+under the caps on live channels, and pass the open policy) before a channel exists.  A
+frame that is refused gets an ``Error`` reply and changes nothing; only
+``FundsAtRiskError`` escapes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from channel.codec import Accept, Error, Open, Propose, Reject, Sync
 from channel.eip712 import state_digest
 from channel.errors import ChannelError, FundsAtRiskError, UnknownPeer, WrongChannel
 from channel.keys import Signer, address_of_node_id
-from channel.lane import FUNDING, OPEN, Lane
+from channel.lane import CLOSED, FUNDING, OPEN, Lane
+from channel.limits import MAX_CHANNELS, MAX_CHANNELS_PER_PEER
 from channel.machine import (
     ActionConnected,
     ActionCountersign,
@@ -66,6 +68,8 @@ class Inbound:
         window: int,
         require_funding: bool,
         pump: Callable[[Lane], None],
+        max_channels_per_peer: int = MAX_CHANNELS_PER_PEER,
+        max_channels: int = MAX_CHANNELS,
     ) -> None:
         self.signer = signer
         self.channels = channels
@@ -75,6 +79,8 @@ class Inbound:
         self.window = window
         self.require_funding = require_funding
         self.pump = pump
+        self.max_channels_per_peer = max_channels_per_peer
+        self.max_channels = max_channels
         #: Per peer, the channels holding its proposals checked but not countersigned.
         self._deferred: dict[bytes, dict[bytes, Lane]] = {}
         #: Per peer, the frames handled since its reader was last idle.
@@ -167,6 +173,20 @@ class Inbound:
             )
         return ch
 
+    def _over_cap(self, node_id: bytes) -> str | None:
+        """Why a new channel with ``node_id`` would be one too many, or None."""
+        live = with_peer = 0
+        for ch in self.channels.values():
+            if ch.status != CLOSED:
+                live += 1
+                with_peer += ch.peer_node_id == node_id
+        if with_peer >= self.max_channels_per_peer:
+            cap = self.max_channels_per_peer
+            return f"too many channels with this peer: {with_peer} live, the cap is {cap}"
+        if live >= self.max_channels:
+            return f"too many channels: {live} live, the cap is {self.max_channels}"
+        return None
+
     def _on_open(self, node_id: bytes, msg: Open) -> None:
         params = msg.params
         cid = params.channel_id
@@ -181,7 +201,9 @@ class Inbound:
             raise UnknownPeer("Open does not name us as the second participant")
         if params.participants[0] != address_of_node_id(node_id):
             raise UnknownPeer("Open comes from a key that is not its first participant")
-        reason = ask_policy(self.open_policy, params, msg.state) if self.open_policy else None
+        reason = self._over_cap(node_id)
+        if reason is None and self.open_policy is not None:
+            reason = ask_policy(self.open_policy, params, msg.state)
         if reason is not None:
             refusal = Reject(
                 channel_id=cid,

@@ -23,3 +23,10 @@ MAX_DEFERRED = 64
 #: (``StaleVersion``), and a channel that reaches it takes no more updates (it can still
 #: be claimed and settled on chain with its latest state).
 MAX_VERSION = 2**63 - 1
+#: Live (not closed) channels one counterparty may have with us before we refuse its
+#: ``Open``s: an ``Open`` costs its sender a handshake and nothing else, and each channel
+#: costs us memory, rows and a resync on every reconnect.  ``open_client`` takes another.
+MAX_CHANNELS_PER_PEER = 16
+#: Live channels in all past which we refuse every peer's ``Open`` (ours still open):
+#: new keys cost nothing, so the cap per peer alone does not bound the total.
+MAX_CHANNELS = 10_000

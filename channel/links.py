@@ -78,7 +78,11 @@ class Links:
         self.timeout = timeout
         self.peers: dict[bytes, Peer] = {}
         self._epochs: dict[bytes, int] = {}
-        self.dialing: set[bytes] = set()
+        #: The peers a redial loop runs for, and the address it dials next (the latest
+        #: one ``connect`` or ``redial`` was given: a peer may move).
+        self.dialing: dict[bytes, PeerAddress] = {}
+        #: Set to make a redial loop try its (new) address now instead of after its backoff.
+        self._redial_now: dict[bytes, trio.Event] = {}
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
 
@@ -103,21 +107,27 @@ class Links:
             return
         if self._nursery is None:
             raise LocalProtocolError("the client is not running")
-        if address.node_id not in self.dialing:
-            # Never a second redial loop for one peer: two would keep replacing each
-            # other's connection.
-            self.dialing.add(address.node_id)
-            self._nursery.start_soon(self._dial_loop, address)
+        self.redial(address)
         with trio.move_on_after(self.timeout):
             await self.wait_connected(address.node_id)
             return
         raise PeerTimeout(f"no link to {address} within {self.timeout:g}s; still redialling it")
 
     def redial(self, address: PeerAddress) -> None:
-        """Start a redial loop for a known peer (on restart), without waiting."""
-        if address.node_id not in self.dialing and self._nursery is not None:
-            self.dialing.add(address.node_id)
-            self._nursery.start_soon(self._dial_loop, address)
+        """Dial ``address`` and keep redialling it, without waiting.  A peer that a
+        redial loop already runs for is dialled at this address from now on, at once:
+        never a second loop for one peer (two would keep replacing each other's link)."""
+        if self._nursery is None:
+            return
+        node_id = address.node_id
+        if node_id in self.dialing:
+            if self.dialing[node_id] != address:
+                self.dialing[node_id] = address
+                self._redial_now[node_id].set()
+            return
+        self.dialing[node_id] = address
+        self._redial_now[node_id] = trio.Event()
+        self._nursery.start_soon(self._dial_loop, node_id)
 
     async def wait_connected(self, node_id: bytes) -> None:
         """Wait until a link to ``node_id`` is up (bound it with a cancel scope)."""
@@ -175,15 +185,16 @@ class Links:
         """The server's handler for an incoming, authenticated connection."""
         await self._run_peer(conn)
 
-    async def _dial_loop(self, address: PeerAddress) -> None:
+    async def _dial_loop(self, node_id: bytes) -> None:
         backoff = 0.05
         try:
             while True:
+                address = self.dialing[node_id]
                 try:
                     conn = await connect(self.signer, address)
                 except TransportError as exc:
                     log.info("dial %s failed: %s", address, exc)
-                    await trio.sleep(backoff)
+                    await self._backoff(node_id, backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
                 backoff = 0.05
@@ -193,9 +204,17 @@ class Links:
                     raise
                 except Exception:  # as for accepted links: a link's failure is not ours
                     log.exception("link to %s failed", address)
-                await trio.sleep(0.01)
+                await self._backoff(node_id, 0.01)
         finally:
-            self.dialing.discard(address.node_id)
+            del self.dialing[node_id]
+            del self._redial_now[node_id]
+
+    async def _backoff(self, node_id: bytes, seconds: float) -> None:
+        """Sleep before the next dial, unless a new address for the peer comes first."""
+        with trio.move_on_after(seconds):
+            await self._redial_now[node_id].wait()
+        if self._redial_now[node_id].is_set():
+            self._redial_now[node_id] = trio.Event()
 
     async def _run_peer(self, conn: Connection) -> None:
         node_id = conn.remote_node_id

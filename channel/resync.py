@@ -31,12 +31,15 @@ if TYPE_CHECKING:
 
 
 def sync_messages(m: ChannelMachine) -> list[Sync | Open | Propose]:
-    """What we tell a peer on (re)connect: ``Open`` while the channel is opening,
+    """What we tell a peer on (re)connect: ``Open`` while the channel is opening
+    (nothing once the peer refused it),
     else ``Sync`` (latest co-signed, ``max_signed``) followed by each in-flight
     proposal as its own ``Propose``.  Separate frames, so that a full window of
     proposals with large app data never has to fit in one frame; the peer handles
     them exactly as the proposals it would find inside a ``Sync``."""
     if m.latest is None:
+        if not m.pending:
+            return []  # our Open, refused by the peer: the channel never existed
         p = m.pending[0].proposal
         return [Open(params=m.params, state=p.state, signature=p.signature)]
     return [

@@ -20,6 +20,7 @@ from channel.codec import Propose, Reject
 from channel.eip712 import state_digest
 from channel.errors import LocalProtocolError, PeerTimeout, UpdateRejected
 from channel.keys import HALF_N, SECP256K1_N, Signer, recover
+from channel.lane import CLOSED
 from channel.noise import ACT_TWO_SIZE, Initiator
 from channel.state import ETH, UINT256_MAX, Address, Allocation, Params, State
 from channel.store import WARM_WAL_BYTES, Store
@@ -847,3 +848,115 @@ async def test_an_exception_ending_the_client_leaves_open_client_as_itself(
 
             n.start_soon(fail, KeyError("k"))
             n.start_soon(fail, ValueError("v"))
+
+
+async def test_opens_past_the_caps_on_live_channels_are_refused(tmp_path: Path) -> None:
+    """A peer's Open is refused (UpdateRejected at the opener, nothing stored by the
+    responder) while the peer has ``max_channels_per_peer`` live channels with it, or it
+    has ``max_channels`` in all; our own opens are not capped; a closed channel frees
+    its slot, also after a restart; the refused opener keeps working."""
+    alice_key, bob_key, carol_key = (Signer.generate() for _ in range(3))  # test-only keys
+    bob_path = tmp_path / "bob.sqlite"
+    caps = {"max_channels_per_peer": 2, "max_channels": 3}
+    async with (
+        open_client(alice_key, tmp_path / "alice.sqlite") as alice,
+        open_client(carol_key, tmp_path / "carol.sqlite") as carol,
+    ):
+        async with open_client(bob_key, bob_path, **caps) as bob:
+            a1, a2 = await _open(alice, bob, 5), await _open(alice, bob, 5)
+            await bob.drain()
+            before = _durable(bob_path)
+            with pytest.raises(UpdateRejected, match="with this peer: 2 live, the cap is 2"):
+                await _open(alice, bob, 5)
+            # The refused channel never existed: alice closes it, and says nothing of it.
+            (refused,) = {c.channel_id for c in alice.channels()} - {a1, a2}
+            assert alice.status(refused) == CLOSED and alice.latest(refused) is None
+            c1 = await _open(carol, bob, 5)
+            await bob.drain()
+            before = _durable(bob_path)
+            with pytest.raises(UpdateRejected, match="too many channels: 3 live, the cap is 3"):
+                await _open(carol, bob, 5)
+            await bob.drain()
+            assert _durable(bob_path) == before
+            b1 = await _open(bob, carol, 5)  # ours: not capped
+            assert {c.channel_id for c in bob.channels()} == {a1, a2, c1, b1}
+            await alice.pay(a1, ETH, 1)  # the refused opener's channels work on
+            bob.set_status(a1, CLOSED)
+            bob.set_status(b1, CLOSED)
+        async with open_client(bob_key, bob_path, **caps) as bob:
+            a3 = await _open(alice, bob, 5)  # a1 and b1 closed: 2 live with bob, 1 alice's
+            await alice.pay(a3, ETH, 2)
+            await _wait_same(alice, bob, a3)
+            with pytest.raises(UpdateRejected, match="too many channels: 3 live"):
+                await _open(carol, bob, 5)
+    async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+        assert alice.status(refused) == CLOSED
+        async with open_client(bob_key, bob_path, **caps) as bob:
+            await alice.connect(bob.peer_address())  # bob listens on a new port
+            await alice.pay(a3, ETH, 1)
+            await _wait_same(alice, bob, a3)
+
+
+async def test_an_open_the_peers_policy_refuses_leaves_nothing_to_resync(tmp_path: Path) -> None:
+    """bob's open_policy refuses alice's Open: she gets UpdateRejected with his reason,
+    he stores nothing, and her refused channel is closed.  Reconnecting and restarting
+    after that work (a refused Open used to crash the opener's next resync), and the
+    channel bob admits works."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    alice_path, bob_path = tmp_path / "alice.sqlite", tmp_path / "bob.sqlite"
+
+    def admit(params: Params, initial: State) -> str | None:
+        return None if initial.allocations[0].balances[0] <= 100 else "opener's deposit over 100"
+
+    async with open_client(bob_key, bob_path, open_policy=admit) as bob:
+        async with open_client(alice_key, alice_path) as alice:
+            with pytest.raises(UpdateRejected, match="opener's deposit over 100"):
+                await _open(alice, bob, 500)
+            (refused,) = [c.channel_id for c in alice.channels()]
+            assert alice.status(refused) == CLOSED
+            await bob.drain()
+            assert _durable(bob_path) == ([], [])
+            # The link drops and comes back: nothing about the refused channel is said.
+            epoch = alice.links.epoch(bob_key.node_id)
+            await alice.links.drop(bob_key.node_id)
+            with trio.fail_after(5):
+                # No event marks a new link's epoch: a test may poll for it.
+                while alice.links.epoch(bob_key.node_id) == epoch:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                await alice.wait_connected(bob_key.node_id)
+            cid = await _open(alice, bob, 50)
+            await alice.pay(cid, ETH, 1)
+        async with open_client(alice_key, alice_path) as alice:
+            assert alice.status(refused) == CLOSED
+            await alice.pay(cid, ETH, 2)
+            await _wait_same(alice, bob, cid)
+    assert bob.channels()[0].latest is not None
+    assert [c.channel_id for c in bob.channels()] == [cid]
+
+
+async def test_connect_reaches_a_peer_at_its_new_address_at_once(tmp_path: Path) -> None:
+    """A peer that moved (restarted on another port) is dialled at the address connect()
+    is given, even while the redial loop still tries the old one with a long backoff."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with open_client(alice_key, tmp_path / "alice.sqlite", update_timeout=30) as alice:
+        async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+            cid = await _open(alice, bob, 5)
+        # bob is gone: alice's redial loop backs off (up to 5 s) at his old address.
+        await trio.sleep(1.0)
+        async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+            with trio.fail_after(1):
+                await alice.connect(bob.peer_address())
+            await alice.pay(cid, ETH, 1)
+            await _wait_same(alice, bob, cid)
+            alice.remember_peer_address(cid, bob.peer_address())
+    # Moved again: remember_peer_address points the running redial loop there too.
+    async with (
+        open_client(alice_key, tmp_path / "alice.sqlite", update_timeout=30) as alice,
+        open_client(bob_key, tmp_path / "bob.sqlite") as bob,
+    ):
+        await trio.sleep(1.0)  # alice's loop backs off at the address she remembered
+        alice.remember_peer_address(cid, bob.peer_address())
+        with trio.fail_after(1):
+            await alice.wait_connected(bob_key.node_id)
+        await alice.pay(cid, ETH, 1)
+        await _wait_same(alice, bob, cid)

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 import pytest
+from amounts import amounts
 from eth_abi.abi import encode
 from eth_utils.abi import function_abi_to_4byte_selector
 from hypothesis import given, settings
@@ -45,12 +46,8 @@ def params(draw: st.DrawFn) -> Params:
 def states(draw: st.DrawFn, p: Params) -> State:
     assets = draw(st.lists(addresses, min_size=1, max_size=4, unique=True))
     allocs = tuple(
-        Allocation(
-            asset=x,
-            balances=(draw(st.integers(0, UINT256)), draw(st.integers(0, UINT256))),
-            locked=draw(st.integers(0, UINT256)),
-        )
-        for x in assets
+        Allocation(asset=x, balances=(b0, b1), locked=locked)
+        for x, (b0, b1, locked) in ((x, draw(amounts())) for x in assets)
     )
     return State(
         channel_id=p.channel_id,
