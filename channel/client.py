@@ -29,7 +29,6 @@ from functools import partial
 from pathlib import Path
 from typing import TypeAlias
 
-import attrs
 import trio
 import trio.lowlevel
 
@@ -71,8 +70,9 @@ from channel.machine import (
     Policy,
 )
 from channel.outbox import Outbox
+from channel.registry import ChannelInfo, ChannelTable
 from channel.state import Allocation, Params, SignedState, State
-from channel.store import PersistChannel, PersistPeerAddress, PersistStatus, Store
+from channel.store import PersistChannel, Store
 from channel.transport import Listening, PeerAddress, serve
 
 log = logging.getLogger("optichannel.client")
@@ -81,18 +81,9 @@ log = logging.getLogger("optichannel.client")
 StateListener: TypeAlias = Callable[[Params, SignedState], None]
 
 
-@attrs.frozen(kw_only=True)
-class ChannelInfo:
-    channel_id: bytes
-    params: Params
-    peer_node_id: bytes
-    latest: SignedState | None
-    in_flight: int
-    connected: bool
-
-
-class Client:
-    """A channel client.  Create it with :func:`open_client`."""
+class Client(ChannelTable):
+    """A channel client.  Create it with :func:`open_client`.  Its queries and records
+    of channels (``status``, ``latest``, ``channels``, ...) are :class:`ChannelTable`'s."""
 
     def __init__(
         self,
@@ -386,21 +377,6 @@ class Client:
 
         return await self.update(channel_id, fn)
 
-    def status(self, channel_id: bytes) -> str:
-        """``funding``, ``open``, ``closing`` or ``closed``."""
-        return self._channel(channel_id).status
-
-    def set_status(self, channel_id: bytes, status: str) -> None:
-        """Record a new status (durable with the next group commit; see :meth:`drain`)."""
-        if status not in STATUSES:
-            raise ValueError(f"unknown status {status!r}")
-        self._channel(channel_id).status = status
-        self.outbox.add_op(PersistStatus(channel_id=channel_id, status=status))
-
-    def me(self, channel_id: bytes) -> int:
-        """Our participant index (0 or 1) in the channel."""
-        return self._channel(channel_id).machine.me
-
     def _check_incoming(self, params: Params, old: State, new: State) -> str | None:
         ch = self._channels.get(params.channel_id)
         if ch is not None and ch.status == FUNDING:
@@ -411,79 +387,11 @@ class Client:
             return ask_policy(self.user_policy, params, old, new)
         return None
 
-    def latest(self, channel_id: bytes) -> SignedState | None:
-        """The latest co-signed state that is durable in our store."""
-        return self._channel(channel_id).durable
-
-    async def prune_history(self, channel_id: bytes | None = None) -> int:
-        """Delete the stored history of a channel (default: of every channel): each state
-        below its latest co-signed one, save our proposals still in flight; returns how
-        many went.  What a dispute needs stays, and rule S holds without the rows.  Runs
-        between commits, ``outbox.PRUNE_CHUNK`` states at a time; export the audit trail
-        first (``Store.signed_states``) if you need it."""
-        ids = list(self._channels) if channel_id is None else [channel_id]
-        for cid in ids:
-            self._channel(cid)  # LocalProtocolError for an unknown channel
-        return await self.outbox.prune_history(ids)
-
-    def params(self, channel_id: bytes) -> Params:
-        return self._channel(channel_id).machine.params
-
-    def channels(self) -> list[ChannelInfo]:
-        return [
-            ChannelInfo(
-                channel_id=cid,
-                params=ch.machine.params,
-                peer_node_id=ch.peer_node_id,
-                latest=ch.durable,
-                in_flight=len(ch.machine.pending),
-                connected=self.links.is_connected(ch.peer_node_id),
-            )
-            for cid, ch in self._channels.items()
-        ]
-
     async def wait_connected(self, node_id: bytes) -> None:
         """Wait until a connection to ``node_id`` is up (use a cancel scope to bound it)."""
         await self.links.wait_connected(node_id)
 
     # -- internals: channels --------------------------------------------------
-
-    def _channel(self, channel_id: bytes) -> Lane:
-        try:
-            return self._channels[channel_id]
-        except KeyError:
-            raise LocalProtocolError(f"no channel {channel_id.hex()[:16]}") from None
-
-    def _new_update_id(self) -> int:
-        self._next_update += 1
-        return self._next_update
-
-    def _load(self) -> None:
-        for rec in self.store.load():
-            pending = [attrs.evolve(f, update_id=self._new_update_id()) for f in rec.in_flight]
-            machine = ChannelMachine(
-                params=rec.params,
-                me=rec.me,
-                sign=self.signer.sign,
-                latest=rec.latest,
-                max_signed=rec.max_signed,
-                pending=pending,
-                policy=self.policy,
-                window=self.window,
-                defer=True,
-            )
-            self._channels[rec.params.channel_id] = Lane(
-                machine, rec.peer_node_id, rec.peer_addr, rec.status
-            )
-            self._close_if_refused(rec.params.channel_id)  # a crash came before its status
-
-    def _close_if_refused(self, channel_id: bytes) -> None:
-        """An ``Open`` of ours the peer refused leaves a channel with no state at all:
-        it never existed, so it is closed (it holds no slot under the peer's caps, and
-        nothing about it is said on reconnect)."""
-        ch = self._channels[channel_id]
-        if ch.status != CLOSED and not ch.machine.is_open and not ch.machine.pending:
-            self.set_status(channel_id, CLOSED)
 
     async def _await_result(
         self, waiter: Waiter, channel_id: bytes, version: int
@@ -580,22 +488,6 @@ class Client:
                 if ch.peer_addr:
                     self.links.redial(PeerAddress.parse(ch.peer_addr))
             task_status.started()
-
-    def remember_peer_address(self, channel_id: bytes, address: PeerAddress) -> None:
-        """Where to reach the peer of ``channel_id`` from now on (say, of a channel the
-        peer opened, whose address we never learnt, or a peer that moved): the next start
-        redials it there, and so does a redial loop running now.  Durable with the next
-        commit (``drain`` waits for it).  Raises ``LocalProtocolError`` for a channel we
-        do not hold or an address of another key than the channel's peer."""
-        lane = self._channel(channel_id)
-        if address.node_id != lane.peer_node_id:
-            raise LocalProtocolError(
-                f"channel {channel_id.hex()[:16]}: {address} is not the channel's peer"
-            )
-        lane.peer_addr = str(address)
-        self.outbox.add_op(PersistPeerAddress(channel_id=channel_id, peer_addr=str(address)))
-        if address.node_id in self.links.dialing:
-            self.links.redial(address)
 
     async def drain(self) -> None:
         """Wait until everything emitted so far is durable and handed to the sockets."""

@@ -2,7 +2,9 @@
 
 ``ChannelMachine.handle(event) -> list[output]``.  The driver performs the
 outputs in order, with one rule: every ``Persist*`` output is durable before any
-``Send*`` or ``Notify*`` output that follows it leaves the process.
+``Send*`` or ``Notify*`` output that follows it leaves the process.  The responder's
+side (the peer's proposals) is :mod:`channel.responder`, the reconnect
+:mod:`channel.resync`: functions of the machine, kept apart for size.
 
 The rules
 ---------
@@ -75,18 +77,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeAlias
 
-from channel import codec, resync
-from channel.codec import Accept, Open, Propose, Reject, Sync
+from channel import responder, resync
+from channel.codec import Accept, Open, Propose, Sync
 from channel.eip712 import state_digest
 from channel.errors import (
-    ChannelError,
-    ChannelFinal,
     ConservationError,
     InvalidSignature,
     LocalProtocolError,
-    ProposalConflict,
     StaleVersion,
-    UpdateRejected,
     WrongChannel,
 )
 from channel.events import (
@@ -113,14 +111,14 @@ from channel.events import (
     SendMessage,
 )
 from channel.keys import verify
-from channel.limits import MAX_DEFERRED, MAX_VERSION, PIPELINE_WINDOW
+from channel.limits import MAX_VERSION, PIPELINE_WINDOW
 from channel.state import Params, SignedState, State
 
 #: ``policy(params, latest, proposed) -> None`` to accept or a reason to reject.
 Policy: TypeAlias = Callable[[Params, State, State], "str | None"]
 Sign: TypeAlias = Callable[[bytes], bytes]
 
-REASON_CONFLICT = ProposalConflict.__name__
+REASON_CONFLICT = responder.REASON_CONFLICT
 
 
 class ChannelMachine:
@@ -308,7 +306,7 @@ class ChannelMachine:
         # stand whatever becomes of ours (outputs the driver must perform), so a refusal
         # is a notice, retryable if a bad signature of the peer's moved the tip back.
         self._check_base(ev)  # nothing is signed yet
-        done = self._on_countersign()
+        done = responder.on_countersign(self)
         try:
             return [*done, *self._propose(ev)]
         except LocalProtocolError as exc:
@@ -376,157 +374,6 @@ class ChannelMachine:
         return [SendMessage(m) for m in self.sync_messages()]
 
     # -- the peer's messages -------------------------------------------------
-
-    def _reject(self, state: State, digest: bytes, err: ChannelError) -> list[Output]:
-        reason = f"{type(err).__name__}: {err}"[: codec.MAX_REASON]
-        return [
-            SendMessage(
-                Reject(
-                    channel_id=self.params.channel_id,
-                    version=state.version,
-                    state_hash=digest,
-                    reason=reason,
-                )
-            ),
-            NotifyProtocolError(error=err, channel_id=self.params.channel_id),
-        ]
-
-    def _on_propose(self, ev: ReceivePropose) -> list[Output]:
-        p = ev.msg
-        state = p.state
-        digest = state_digest(self.params, state)
-        err: ChannelError | None = None
-        try:
-            self._check_proposal(p, digest)
-            if not self.defer:
-                verify(digest, p.signature, self.peer_address)
-        except ProposalConflict as exc:
-            self._note_peer_version(p, digest)
-            err = exc
-        except ChannelError as exc:
-            err = exc
-        if err is None and self.policy is not None and self.latest is not None:
-            reason = self.policy(self.params, self._peer_tip(), state)
-            if reason is not None:
-                err = UpdateRejected(reason, reason=reason)
-        if err is not None:
-            # What was checked before stays accepted: its Accept goes first.
-            done = self._on_countersign() if self.deferred else []
-            return [*done, *self._reject(state, digest, err)]
-        out: list[Output] = []
-        if self.pending:  # we yield: our crossing proposals are dead, theirs wins
-            out = self._drop_from(0, f"{REASON_CONFLICT}: the peer's proposal won", True)
-        if not self.defer:
-            return [*out, *self._countersign(p, digest)]
-        self.deferred.append((p, digest))
-        if len(self.deferred) >= MAX_DEFERRED:
-            out.extend(self._on_countersign())
-        return out
-
-    def _peer_tip(self) -> State:
-        """The state the peer's next proposal must build on."""
-        if self.deferred:
-            return self.deferred[-1][0].state
-        assert self.latest is not None
-        return self.latest.state
-
-    def _on_countersign(self, ev: ActionCountersign | None = None) -> list[Output]:
-        """Countersign the newest deferred proposal whose signature holds; each one above
-        it that fails rule 6 is rejected."""
-        bad: list[Output] = []
-        while self.deferred:
-            p, digest = self.deferred[-1]
-            try:
-                verify(digest, p.signature, self.peer_address)
-                break
-            except InvalidSignature as err:
-                self.deferred.pop()
-                bad[:0] = self._reject(p.state, digest, err)  # oldest first
-        if not self.deferred:
-            return bad
-        p, digest = self.deferred[-1]
-        self.deferred.clear()
-        return [*self._countersign(p, digest), *bad]
-
-    def _countersign(self, p: Propose, digest: bytes) -> list[Output]:
-        """Sign the peer's checked proposal ``p``: it becomes our latest co-signed state."""
-        state = p.state
-        my_sig = self._sign(digest)
-        sigs: list[bytes | None] = [None, None]
-        sigs[self.me] = my_sig
-        sigs[self.peer] = p.signature
-        signed = SignedState(state=state, signatures=(sigs[0], sigs[1]))
-        self.latest = signed
-        self.max_signed = state.version
-        return [
-            PersistLatest(params=self.params, signed=signed, row=ROW_NEW),
-            SendMessage(
-                Accept(channel_id=self.params.channel_id, version=state.version, signature=my_sig)
-            ),
-            NotifyReceived(signed=signed),
-        ]
-
-    def _yields_to(self, p: Propose) -> bool:
-        """Whether we (the higher address) let the peer's crossing proposal win: it builds on
-        our latest and its version is above all we signed, so accepting it keeps rule S; our
-        own in-flight proposals are then dropped (and retried by the client)."""
-        return (
-            self.should_yield
-            and self.latest is not None
-            and p.base_version == self.latest.state.version
-            and p.state.version > self.max_signed
-        )
-
-    def _note_peer_version(self, p: Propose, digest: bytes) -> None:
-        """Remember a version the peer signed (if the signature is genuine)."""
-        if p.state.version <= self.peer_max_signed or p.state.channel_id != self.channel_id:
-            return
-        try:
-            verify(digest, p.signature, self.peer_address)
-        except InvalidSignature:
-            return
-        self.peer_max_signed = p.state.version
-
-    def _check_proposal(self, p: Propose, digest: bytes) -> None:
-        state = p.state
-        cid = self.params.channel_id.hex()[:16]
-        if state.channel_id != self.params.channel_id:
-            raise WrongChannel(f"proposal names channel {state.channel_id.hex()[:16]}, not {cid}")
-        if self.latest is None:
-            raise StaleVersion(f"channel {cid} is still opening")
-        if self.latest.state.is_final:
-            raise ChannelFinal(f"channel {cid} is final at v{self.latest.state.version}")
-        if self.pending and not self._yields_to(p):
-            raise ProposalConflict(
-                f"channel {cid} v{state.version} crosses our own proposal "
-                f"v{self.pending[0].proposal.state.version}"
-            )
-        tip = self._peer_tip()
-        if p.base_version != tip.version:
-            raise StaleVersion(
-                f"channel {cid} v{state.version}: built on v{p.base_version}, "
-                f"our latest is v{tip.version}"
-            )
-        if tip.is_final:  # a final proposal of the peer's awaits our countersignature
-            raise ChannelFinal(f"channel {cid}: v{tip.version} is final")
-        if state.version <= tip.version:
-            raise StaleVersion(f"channel {cid} v{state.version} is not above v{tip.version}")
-        if tip.version < state.version <= self.max_signed:
-            # Built on our latest, but we signed that version ourselves (a crossing
-            # proposal of ours, now burned): a conflict the proposer retries above it.
-            raise ProposalConflict(
-                f"channel {cid} v{state.version} collides with our own signed v{self.max_signed}"
-            )
-        if state.version > MAX_VERSION:
-            raise StaleVersion(
-                f"channel {cid} v{state.version}: above the highest version, v{MAX_VERSION}"
-            )
-        if state.version <= self.max_signed:
-            raise StaleVersion(
-                f"channel {cid} v{state.version}: replayed or rolled back "
-                f"(we have signed up to v{self.max_signed})"
-            )
-        tip.check_successor(state)
 
     def _on_accept(self, ev: ReceiveAccept) -> list[Output]:
         a = ev.msg
@@ -603,8 +450,8 @@ class ChannelMachine:
 _DISPATCH: dict[type, Callable[[ChannelMachine, object], list[Output]]] = {
     ActionPropose: ChannelMachine._on_propose_action,  # type: ignore[dict-item]
     ActionConnected: ChannelMachine._on_connected,  # type: ignore[dict-item]
-    ActionCountersign: ChannelMachine._on_countersign,  # type: ignore[dict-item]
-    ReceivePropose: ChannelMachine._on_propose,  # type: ignore[dict-item]
+    ActionCountersign: responder.on_countersign,  # type: ignore[dict-item]
+    ReceivePropose: responder.on_propose,  # type: ignore[dict-item]
     ReceiveAccept: ChannelMachine._on_accept,  # type: ignore[dict-item]
     ReceiveReject: ChannelMachine._on_reject,  # type: ignore[dict-item]
     ReceiveSync: resync.on_sync,  # type: ignore[dict-item]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from channel import responder
 from channel.codec import Open, Propose, Sync
 from channel.eip712 import state_digest
 from channel.errors import ChannelError, FundsAtRiskError, InvalidSignature, WrongChannel
@@ -118,9 +119,9 @@ def on_sync(m: ChannelMachine, ev: ReceiveSync) -> list[Output]:
         m.peer_max_signed = max(m.peer_max_signed, min(s.max_signed, base + 1_000_000))
     for p in s.pending:
         if p.state.version > (-1 if m.latest is None else m.latest.state.version):
-            out.extend(m._on_propose(ReceivePropose(p)))
+            out.extend(responder.on_propose(m, ReceivePropose(p)))
     if m.deferred:
-        out.extend(m._on_countersign())
+        out.extend(responder.on_countersign(m))
     return out
 
 

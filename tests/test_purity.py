@@ -15,6 +15,7 @@ PURE = [
     "channel.codec",
     "channel.machine",
     "channel.resync",
+    "channel.responder",
     "channel.events",
     "channel.eip712",
     "channel.keys",
