@@ -113,6 +113,7 @@ class Client(ChannelTable):
             on_connected=lambda node_id: self.inbound.on_connected(node_id),
             pace=lambda: self.outbox.pace(),
             on_idle=lambda node_id: self.inbound.on_idle(node_id),
+            take_strikes=lambda node_id: self.inbound.take_strikes(node_id),
             timeout=update_timeout,
         )
         self._waiters: dict[int, Waiter] = {}

@@ -17,7 +17,14 @@ from typing import Any, TypeAlias
 from channel import codec
 from channel.codec import Accept, Error, Open, Propose, Reject, Sync
 from channel.eip712 import state_digest
-from channel.errors import ChannelError, FundsAtRiskError, UnknownPeer, WrongChannel
+from channel.errors import (
+    ChannelError,
+    ConservationError,
+    FundsAtRiskError,
+    InvalidSignature,
+    UnknownPeer,
+    WrongChannel,
+)
 from channel.keys import Signer, address_of_node_id
 from channel.lane import CLOSED, FUNDING, OPEN, Lane
 from channel.limits import MAX_CHANNELS, MAX_CHANNELS_PER_PEER
@@ -25,6 +32,8 @@ from channel.machine import (
     ActionConnected,
     ActionCountersign,
     ChannelMachine,
+    NotifyProtocolError,
+    Output,
     Policy,
     ReceiveAccept,
     ReceivePropose,
@@ -36,6 +45,12 @@ from channel.state import Params, State
 from channel.store import PersistChannel
 
 log = logging.getLogger("optichannel.client")
+
+#: Refusals no honest peer causes, counted like malformed frames (``links.MAX_PEER_ERRORS``):
+#: a forged or broken signature (an ``Accept``, a ``Sync``'s state, a proposal), a state
+#: that mints or burns funds, a message about a channel the peer has no part in.  A stale
+#: version, a conflict or a policy refusal can happen to an honest peer and does not count.
+CULPABLE = (InvalidSignature, ConservationError, WrongChannel)
 
 #: ``open_policy(params, initial_state) -> None`` to accept a new channel, or a reason.
 OpenPolicy: TypeAlias = Callable[[Params, State], "str | None"]
@@ -87,6 +102,9 @@ class Inbound:
         self._since_idle: dict[bytes, int] = {}
         #: The peers whose frames since then were more than one lone update.
         self._not_lone: set[bytes] = set()
+        #: Per peer, refusals of its messages no honest peer causes (see ``CULPABLE``),
+        #: not yet counted by its link (``take_strikes``).
+        self._strikes: dict[bytes, int] = {}
 
     def on_connected(self, node_id: bytes) -> None:
         """A link to ``node_id`` is up: every channel with that peer resyncs.  What an
@@ -116,7 +134,7 @@ class Inbound:
         for ch in self._deferred.pop(node_id, {}).values():
             if ch.machine.deferred:
                 lone = lone and len(ch.machine.deferred) == 1
-                self.outbox.emit(node_id, ch.machine.handle(ActionCountersign()))
+                self._emit(node_id, ch.machine.handle(ActionCountersign()))
         if lone:
             self.outbox.flush_now()
 
@@ -139,12 +157,12 @@ class Inbound:
         """Hand a decoded message to its channel; raises ``ChannelError`` to refuse it."""
         if isinstance(msg, Propose):
             ch = self._route(node_id, msg.state.channel_id)
-            self.outbox.emit(node_id, ch.machine.handle(ReceivePropose(msg)))
+            self._emit(node_id, ch.machine.handle(ReceivePropose(msg)))
             if ch.machine.deferred:
                 self._deferred.setdefault(node_id, {})[msg.state.channel_id] = ch
         elif isinstance(msg, Accept):
             ch = self._route(node_id, msg.channel_id)
-            self.outbox.emit(node_id, ch.machine.handle(ReceiveAccept(msg)))
+            self._emit(node_id, ch.machine.handle(ReceiveAccept(msg)))
             # The slot is free now: the next update in line joins the same group commit
             # as this completion (nothing of either leaves before that commit).
             self.pump(ch)
@@ -155,13 +173,24 @@ class Inbound:
             self.outbox.emit(node_id, ch.machine.handle(ReceiveReject(msg)))
         elif isinstance(msg, Sync):
             ch = self._route(node_id, msg.latest.state.channel_id)
-            self.outbox.emit(node_id, ch.machine.handle(ReceiveSync(msg)))
+            self._emit(node_id, ch.machine.handle(ReceiveSync(msg)))
         elif isinstance(msg, Open):
             self._on_open(node_id, msg)
         elif isinstance(msg, Error):
             log.info("peer %s reports: %s", node_id.hex()[:16], msg.reason)
         else:  # pragma: no cover - the codec only returns the types above
             raise TypeError(type(msg).__name__)
+
+    def _emit(self, node_id: bytes, outputs: list[Output]) -> None:
+        """Queue a machine step's outputs, counting the peer's culpable refusals."""
+        for out in outputs:
+            if isinstance(out, NotifyProtocolError) and isinstance(out.error, CULPABLE):
+                self._strikes[node_id] = self._strikes.get(node_id, 0) + 1
+        self.outbox.emit(node_id, outputs)
+
+    def take_strikes(self, node_id: bytes) -> int:
+        """The peer's culpable refusals since the last call (its link counts them)."""
+        return self._strikes.pop(node_id, 0)
 
     def _route(self, node_id: bytes, channel_id: bytes) -> Lane:
         ch = self.channels.get(channel_id)
@@ -207,7 +236,7 @@ class Inbound:
         if reason is not None:
             refusal = Reject(
                 channel_id=cid,
-                version=0,
+                version=msg.state.version,  # 0 unless the Open is invalid too
                 state_hash=state_digest(params, msg.state),
                 reason=f"UpdateRejected: {reason}",
             )

@@ -32,7 +32,8 @@ log = logging.getLogger("optichannel.links")
 SEND_QUEUE_LIMIT = 100_000
 #: Frames handled from one connection before the flusher gets a turn.
 READ_BURST = 4
-#: Malformed frames tolerated from one connection before it is dropped.
+#: Refused frames tolerated from one connection before it is dropped: malformed ones,
+#: and well-formed ones no honest peer sends (a forged signature, minted funds).
 MAX_PEER_ERRORS = 100
 
 #: ``on_frame(node_id, frame) -> bool``: handle one frame; False if it was refused.
@@ -67,14 +68,19 @@ class Links:
         timeout: float,
         pace: Pace | None = None,
         on_idle: OnConnected | None = None,
+        take_strikes: Callable[[bytes], int] | None = None,
     ) -> None:
         """``on_idle(node_id)``: every frame read from that peer so far is handled, and
-        its reader is about to wait for more."""
+        its reader is about to wait for more.  ``take_strikes(node_id)``: how many more
+        of the peer's frames were refused since it was last asked (those the frame
+        handler accepted as well-formed, and found forged when it handled them, even
+        later in ``on_idle``); they count towards ``MAX_PEER_ERRORS`` too."""
         self.signer = signer
         self.on_frame = on_frame
         self.on_connected = on_connected
         self.pace = pace
         self.on_idle = on_idle
+        self.take_strikes = take_strikes
         self.timeout = timeout
         self.peers: dict[bytes, Peer] = {}
         self._epochs: dict[bytes, int] = {}
@@ -216,6 +222,14 @@ class Links:
         if self._redial_now[node_id].is_set():
             self._redial_now[node_id] = trio.Event()
 
+    def _struck(self, peer: Peer, node_id: bytes, *, ok: bool) -> bool:
+        """Count the peer's refused frames; True once they are too many (disconnect)."""
+        peer.errors += (not ok) + (self.take_strikes(node_id) if self.take_strikes else 0)
+        if peer.errors > MAX_PEER_ERRORS:
+            log.warning("peer %s sent too many bad frames; disconnecting", node_id.hex())
+            return True
+        return False
+
     async def _run_peer(self, conn: Connection) -> None:
         node_id = conn.remote_node_id
         old = self.peers.get(node_id)
@@ -264,6 +278,8 @@ class Links:
                 # client answers it (countersigns the newest of the peer's proposals).
                 if self.on_idle is not None:
                     self.on_idle(node_id)
+                    if self._struck(peer, node_id, ok=True):
+                        return
                 try:
                     frame = await peer.conn.receive()
                 except (TransportError, OversizeError) as exc:
@@ -273,10 +289,7 @@ class Links:
                         "peer %s disconnected: %s: %s", node_id.hex()[:16], type(exc).__name__, exc
                     )
                     return
-            if not self.on_frame(node_id, frame):
-                peer.errors += 1
-                if peer.errors > MAX_PEER_ERRORS:
-                    log.warning("peer %s sent too many bad frames; disconnecting", node_id.hex())
-                    return
+            if self._struck(peer, node_id, ok=self.on_frame(node_id, frame)):
+                return
             if self.pace is not None:
                 await self.pace()

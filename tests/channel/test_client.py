@@ -18,11 +18,12 @@ from channel import codec, noise
 from channel.client import FUNDING, OPEN, Client, Update, open_client
 from channel.codec import Propose, Reject
 from channel.eip712 import state_digest
-from channel.errors import LocalProtocolError, PeerTimeout, UpdateRejected
+from channel.errors import LocalProtocolError, PeerTimeout, TransportError, UpdateRejected
 from channel.keys import HALF_N, SECP256K1_N, Signer, recover
 from channel.lane import CLOSED
+from channel.links import MAX_PEER_ERRORS
 from channel.noise import ACT_TWO_SIZE, Initiator
-from channel.state import ETH, UINT256_MAX, Address, Allocation, Params, State
+from channel.state import ETH, UINT256_MAX, Address, Allocation, Params, SignedState, State
 from channel.store import WARM_WAL_BYTES, Store
 from channel.transport import Connection, PeerAddress, connect
 
@@ -960,3 +961,68 @@ async def test_connect_reaches_a_peer_at_its_new_address_at_once(tmp_path: Path)
             await alice.wait_connected(bob_key.node_id)
         await alice.pay(cid, ETH, 1)
         await _wait_same(alice, bob, cid)
+
+
+@pytest.mark.parametrize("kind", ["forged Sync", "proposal signed by another key", "replay"])
+async def test_a_counterparty_sending_forged_messages_is_cut_off_and_a_stale_one_is_not(
+    tmp_path: Path, kind: str
+) -> None:
+    """Well-formed messages no honest peer sends (a Sync whose state carries forged
+    signatures, refused silently; proposals signed by another key, refused once bob
+    checks them) count like malformed frames: past ``MAX_PEER_ERRORS`` bob drops the
+    link, his state unchanged.  Replayed proposals, which an honest peer can send after
+    a reconnect, are refused each time and never cost the link."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+            cid = await _open(alice, bob, TOTAL)
+            await alice.pay(cid, ETH, 1)
+            params = alice.params(cid)
+        latest = bob.latest(cid)
+        assert latest is not None
+        v = latest.state.version
+        a0 = latest.state.allocations[0]
+        nxt = attrs.evolve(
+            latest.state,
+            version=v + 1,
+            allocations=(attrs.evolve(a0, balances=(a0.balances[0] - 1, a0.balances[1] + 1)),),
+        )
+        forged = alice_key.sign(b"\x11" * 32)  # well formed, over another digest
+        if kind == "forged Sync":
+            frame = codec.encode(
+                codec.Sync(
+                    latest=SignedState(state=nxt, signatures=(forged, forged)),
+                    max_signed=v + 1,
+                    pending=(),
+                )
+            )
+        elif kind == "replay":
+            frame = codec.encode(
+                Propose(base_version=v - 1, state=latest.state, signature=latest.signatures[0])
+            )
+        else:
+            other = Signer.generate().sign(state_digest(params, nxt))
+            frame = codec.encode(Propose(base_version=v, state=nxt, signature=other))
+        # Some of the forged proposals are refused as stale instead (each repeats the
+        # version of the one bob still holds unchecked): send enough for 100 forgeries.
+        sent = 3 * MAX_PEER_ERRORS
+        conn = await connect(alice_key, bob.peer_address())
+        closed, rejects = False, 0
+        with trio.fail_after(10):
+            try:
+                for _ in range(sent):
+                    await conn.send(frame)
+                while rejects < sent:
+                    msg = codec.decode(await conn.receive())
+                    rejects += isinstance(msg, Reject)
+            except TransportError:  # bob closed the link (a send or a read saw it)
+                closed = True
+        await conn.aclose()
+        if kind == "replay":
+            assert not closed and rejects == sent  # each refused, the link kept
+        else:
+            assert closed and rejects < sent
+        assert bob.latest(cid) == latest
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+            await alice.pay(cid, ETH, 1)
+            await _wait_same(alice, bob, cid)

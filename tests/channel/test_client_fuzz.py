@@ -66,7 +66,7 @@ from channel.errors import (
     UpdateRejected,
 )
 from channel.keys import Signer, verify
-from channel.limits import MAX_FRAME, MAX_VERSION
+from channel.limits import MAX_CHANNELS_PER_PEER, MAX_FRAME, MAX_VERSION
 from channel.state import ETH, UINT256_MAX, Allocation, ChannelId, Params, State
 from channel.storeplan import COSIGNED
 from channel.transport import Connection, connect
@@ -214,6 +214,9 @@ class Fuzzer(Forger):
             or s.is_final
             or any(a.locked for a in s.allocations)
             or any(a.total > UINT256_MAX for a in s.allocations)
+            # bob's cap on live channels with one peer (all of his are with alice)
+            or len(self.channels) + sum(c.opens and c.valid for c in self.carried)
+            >= MAX_CHANNELS_PER_PEER
             or not _signed_by(p, s, msg.signature, self.key.address)
         )
         digest = state_digest(p, s)
