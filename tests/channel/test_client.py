@@ -184,6 +184,16 @@ def _durable(path: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, .
     return channels, states
 
 
+def _alice_pays_one(state: State) -> State:
+    """The next version of a one-asset ``state``: participant 0 pays 1 to participant 1."""
+    a0 = state.allocations[0]
+    return attrs.evolve(
+        state,
+        version=state.version + 1,
+        allocations=(attrs.evolve(a0, balances=(a0.balances[0] - 1, a0.balances[1] + 1)),),
+    )
+
+
 async def _refusal(conn: Connection) -> Reject | codec.Error:
     """The next ``Reject`` or ``Error`` the peer sends (its resync messages skipped)."""
     with trio.fail_after(5):
@@ -259,11 +269,7 @@ async def test_each_bad_input_from_the_counterparty_is_refused_by_type_and_chang
         assert durable[1], "the store holds the channel's states"
         v = latest.state.version
         a0 = latest.state.allocations[0]
-        nxt = attrs.evolve(
-            latest.state,
-            version=v + 1,
-            allocations=(attrs.evolve(a0, balances=(a0.balances[0] - 1, a0.balances[1] + 1)),),
-        )
+        nxt = _alice_pays_one(latest.state)
 
         def signed(state: State, p: Params = params) -> bytes:
             return alice_key.sign(state_digest(p, state))
@@ -981,12 +987,7 @@ async def test_a_counterparty_sending_forged_messages_is_cut_off_and_a_stale_one
         latest = bob.latest(cid)
         assert latest is not None
         v = latest.state.version
-        a0 = latest.state.allocations[0]
-        nxt = attrs.evolve(
-            latest.state,
-            version=v + 1,
-            allocations=(attrs.evolve(a0, balances=(a0.balances[0] - 1, a0.balances[1] + 1)),),
-        )
+        nxt = _alice_pays_one(latest.state)
         forged = alice_key.sign(b"\x11" * 32)  # well formed, over another digest
         if kind == "forged Sync":
             frame = codec.encode(
