@@ -114,6 +114,7 @@ class Client(ChannelTable):
             pace=lambda: self.outbox.pace(),
             on_idle=lambda node_id: self.inbound.on_idle(node_id),
             take_strikes=lambda node_id: self.inbound.take_strikes(node_id),
+            known_peers=self._known_peers,
             timeout=update_timeout,
         )
         self._waiters: dict[int, Waiter] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 import trio
 
@@ -24,6 +24,7 @@ from channel.errors import (
     TransportError,
 )
 from channel.keys import Signer
+from channel.limits import MAX_STRANGERS, STRANGER_GRACE
 from channel.transport import Connection, PeerAddress, connect
 
 log = logging.getLogger("optichannel.links")
@@ -69,18 +70,27 @@ class Links:
         pace: Pace | None = None,
         on_idle: OnConnected | None = None,
         take_strikes: Callable[[bytes], int] | None = None,
+        known_peers: Callable[[], Collection[bytes]] | None = None,
     ) -> None:
         """``on_idle(node_id)``: every frame read from that peer so far is handled, and
         its reader is about to wait for more.  ``take_strikes(node_id)``: how many more
         of the peer's frames were refused since it was last asked (those the frame
         handler accepted as well-formed, and found forged when it handled them, even
-        later in ``on_idle``); they count towards ``MAX_PEER_ERRORS`` too."""
+        later in ``on_idle``); they count towards ``MAX_PEER_ERRORS`` too.
+        ``known_peers()``: the peers we hold a channel with; an accepted link from a
+        key that is not one (a stranger) is one of at most ``max_strangers``, and is
+        closed after ``stranger_grace`` seconds unless a channel came of it."""
         self.signer = signer
         self.on_frame = on_frame
         self.on_connected = on_connected
         self.pace = pace
         self.on_idle = on_idle
         self.take_strikes = take_strikes
+        self.known_peers = known_peers
+        self.max_strangers = MAX_STRANGERS
+        self.stranger_grace = STRANGER_GRACE
+        #: Accepted links from keys that were strangers when they came.
+        self._strangers: set[bytes] = set()
         self.timeout = timeout
         self.peers: dict[bytes, Peer] = {}
         self._epochs: dict[bytes, int] = {}
@@ -189,7 +199,32 @@ class Links:
 
     async def accept(self, conn: Connection) -> None:
         """The server's handler for an incoming, authenticated connection."""
-        await self._run_peer(conn)
+        node_id = conn.remote_node_id
+        known = self.known_peers() if self.known_peers is not None else None
+        if known is None or node_id in known:
+            await self._run_peer(conn)
+            return
+        self._strangers = {n for n in self._strangers if n not in known}
+        if node_id not in self._strangers and len(self._strangers) >= self.max_strangers:
+            log.info("refused a link from %s: %d strangers", node_id.hex()[:16], self.max_strangers)
+            return  # the server closes the connection
+        self._strangers.add(node_id)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._expel_stranger, conn)
+                await self._run_peer(conn)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.peers.get(node_id) is None:
+                self._strangers.discard(node_id)
+
+    async def _expel_stranger(self, conn: Connection) -> None:
+        """Close a stranger's link after ``stranger_grace`` if no channel came of it."""
+        await trio.sleep(self.stranger_grace)
+        node_id = conn.remote_node_id
+        if self.known_peers is not None and node_id not in self.known_peers():
+            log.info("closing the link of %s: no channel within the grace", node_id.hex()[:16])
+            await trio.aclose_forcefully(conn)
 
     async def _dial_loop(self, node_id: bytes) -> None:
         backoff = 0.05

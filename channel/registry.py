@@ -91,6 +91,10 @@ class ChannelTable:
             for cid, ch in self._channels.items()
         ]
 
+    def _known_peers(self) -> set[bytes]:
+        """The peers we hold a channel with (any status): not strangers."""
+        return {ch.peer_node_id for ch in self._channels.values()}
+
     def _channel(self, channel_id: bytes) -> Lane:
         try:
             return self._channels[channel_id]

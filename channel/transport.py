@@ -34,7 +34,7 @@ from coincurve import PublicKey
 
 from channel.errors import HandshakeError, OversizeError, PeerTimeout, TransportError
 from channel.keys import Signer
-from channel.limits import HANDSHAKE_TIMEOUT
+from channel.limits import HANDSHAKE_TIMEOUT, MAX_HANDSHAKES
 from channel.noise import (
     ACT_ONE_SIZE,
     ACT_THREE_SIZE,
@@ -416,11 +416,31 @@ class Listening:
 Handler = Callable[[Connection], Awaitable[object]]
 
 
+@attrs.define
+class _Handshakes:
+    """How many incoming sockets are in the handshake now, and how many may be."""
+
+    limit: int
+    busy: int = 0
+
+
 async def _serve_one(
-    signer: Signer, handler: Handler, handshake_timeout: float, stream: trio.SocketStream
+    signer: Signer,
+    handler: Handler,
+    handshake_timeout: float,
+    handshakes: _Handshakes,
+    stream: trio.SocketStream,
 ) -> None:
+    if handshakes.busy >= handshakes.limit:
+        log.info("dropped incoming connection: %d handshakes under way", handshakes.busy)
+        await trio.aclose_forcefully(stream)
+        return
+    handshakes.busy += 1
     try:
-        conn = await handshake_responder(stream, signer, handshake_timeout=handshake_timeout)
+        try:
+            conn = await handshake_responder(stream, signer, handshake_timeout=handshake_timeout)
+        finally:
+            handshakes.busy -= 1
     except TransportError as exc:
         log.info("dropped incoming connection: %s", exc)
         return
@@ -442,6 +462,7 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_handshakes: int = MAX_HANDSHAKES,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Accept BOLT 8 connections forever, calling ``await handler(conn)`` for each.
@@ -449,11 +470,15 @@ async def serve(
     Start it with ``listening = await nursery.start(serve, signer, handler)``;
     ``listening.port`` is the bound port (useful with the default ``port=0``).
     Each accepted socket gets ``handshake_timeout`` seconds to finish the
-    handshake; failures are logged and dropped.  The connection is closed
+    handshake, and while ``max_handshakes`` are under way a new socket is closed at
+    once; failures are logged and dropped.  The connection is closed
     when ``handler`` returns or raises; an exception from ``handler`` is
     logged, never propagated.  Raises ``OSError`` if it cannot listen.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound_host, bound_port = listeners[0].socket.getsockname()[:2]
     task_status.started(Listening(host=bound_host, port=bound_port, listeners=tuple(listeners)))
-    await trio.serve_listeners(partial(_serve_one, signer, handler, handshake_timeout), listeners)
+    handshakes = _Handshakes(limit=max_handshakes)
+    await trio.serve_listeners(
+        partial(_serve_one, signer, handler, handshake_timeout, handshakes), listeners
+    )

@@ -30,11 +30,11 @@ TEST_DEADLINE = 20
 
 
 async def start_server(
-    nursery: trio.Nursery, handler: Handler, handshake_timeout: float = 5.0
+    nursery: trio.Nursery, handler: Handler, handshake_timeout: float = 5.0, **kw: int
 ) -> tuple[Signer, PeerAddress]:
     signer = Signer.generate()
     listening: Listening = await nursery.start(
-        partial(serve, signer, handler, handshake_timeout=handshake_timeout)
+        partial(serve, signer, handler, handshake_timeout=handshake_timeout, **kw)
     )
     assert listening.port > 0
     return signer, PeerAddress(node_id=signer.node_id, host="127.0.0.1", port=listening.port)
@@ -245,6 +245,29 @@ async def test_stalled_peer_is_dropped_while_an_honest_peer_connects() -> None:
 
             await conn.send(b"still here")
             assert await conn.receive() == b"still here"
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_sockets_past_the_cap_on_handshakes_are_closed_at_once() -> None:
+    """While ``max_handshakes`` sockets sit in the handshake, another is closed at once
+    (no socket or task is held for it); once they are gone, peers connect as usual."""
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo, handshake_timeout=30, max_handshakes=2)
+            stalled = [await trio.open_tcp_stream(address.host, address.port) for _ in range(2)]
+            await trio.sleep(0.1)  # the server has taken both into the handshake
+            extra = await trio.open_tcp_stream(address.host, address.port)
+            with trio.fail_after(2):  # not after the 30 s handshake timeout
+                await wait_dropped(extra)
+            with pytest.raises(TransportError):
+                await connect(Signer.generate(), address)
+            for s in stalled:
+                await s.aclose()
+            await trio.sleep(0.1)
+            conn = await connect(Signer.generate(), address)
+            await conn.send(b"ping")
+            assert await conn.receive() == b"ping"
             await conn.aclose()
             nursery.cancel_scope.cancel()
 

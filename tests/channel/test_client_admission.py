@@ -1,0 +1,92 @@
+"""Who may hold a link to a client: strangers (keys it holds no channel with) come to
+open a channel, so they are let in, but only so many at once and only for so long;
+its counterparties are never held back by them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from channel.client import Client, open_client
+from channel.errors import TransportError
+from channel.keys import Signer
+from channel.state import ETH
+from channel.transport import Connection, connect
+
+ADJ = b"\xad" * 20
+
+
+async def _open(alice: Client, bob: Client) -> bytes:
+    return await alice.open_channel(
+        bob.peer_address(),
+        chain_id=1,
+        adjudicator=ADJ,
+        challenge_duration=60,
+        balances=[(ETH, 5, 5)],
+    )
+
+
+async def _closed_by_peer(conn: Connection, within: float) -> bool:
+    """Whether the peer closes ``conn`` within ``within`` seconds (what it sends on the
+    way, its resync messages, is read and dropped)."""
+    with trio.move_on_after(within):
+        try:
+            while True:
+                await conn.receive()
+        except TransportError:
+            return True
+    return False
+
+
+async def test_strangers_past_the_cap_are_turned_away_and_counterparties_are_not(
+    tmp_path: Path,
+) -> None:
+    """With ``max_strangers`` strangers linked, another stranger's link is closed once
+    its handshake is done; a counterparty (a key with a channel) still gets in, and a
+    stranger that opens a channel stops counting as one, making room."""
+    bob_key, alice_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+            cid = await _open(alice, bob)
+        bob.links.max_strangers = 2
+        strangers = [await connect(Signer.generate(), bob.peer_address()) for _ in range(2)]
+        assert not any([await _closed_by_peer(c, 0.2) for c in strangers])
+        third = await connect(Signer.generate(), bob.peer_address())
+        assert await _closed_by_peer(third, 2)
+        # A counterparty is never a stranger: alice comes back and pays.
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+            await alice.connect(bob.peer_address())
+            await alice.pay(cid, ETH, 1)
+            # A stranger with a real client opens a channel: it no longer counts once
+            # it has one, so the next stranger gets in.
+            await strangers[0].aclose()
+            async with open_client(Signer.generate(), tmp_path / "carol.sqlite") as carol:
+                await _open(carol, bob)
+                fourth = await connect(Signer.generate(), bob.peer_address())
+                assert not await _closed_by_peer(fourth, 0.3)
+                await fourth.aclose()
+        for c in strangers[1:]:
+            await c.aclose()
+
+
+@pytest.mark.parametrize("opens", [False, True])
+async def test_a_strangers_link_lasts_the_grace_unless_a_channel_comes_of_it(
+    tmp_path: Path, opens: bool
+) -> None:
+    """A stranger's link is closed after ``stranger_grace`` seconds; one that opened a
+    channel within them is a counterparty by then and keeps its link."""
+    bob_key, carol_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+        bob.links.stranger_grace = 0.5
+        if not opens:
+            conn = await connect(carol_key, bob.peer_address())
+            assert not await _closed_by_peer(conn, 0.3)
+            assert await _closed_by_peer(conn, 2)
+            return
+        async with open_client(carol_key, tmp_path / "carol.sqlite") as carol:
+            cid = await _open(carol, bob)
+            await trio.sleep(1.0)
+            assert bob.links.is_connected(carol_key.node_id)
+            await carol.pay(cid, ETH, 1)
