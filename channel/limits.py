@@ -30,11 +30,11 @@ MAX_CHANNELS_PER_PEER = 16
 #: Live channels in all past which we refuse every peer's ``Open`` (ours still open):
 #: new keys cost nothing, so the cap per peer alone does not bound the total.
 MAX_CHANNELS = 10_000
-#: Sockets a listener holds in the BOLT 8 handshake at once; more are closed at once (a
-#: handshake costs its sender a connect, and holds a socket for up to HANDSHAKE_TIMEOUT).
+#: Sockets a listener holds in the BOLT 8 handshake at once; a new one drops the oldest
+#: (a handshake costs its sender a connect, and holds a socket for up to HANDSHAKE_TIMEOUT).
 MAX_HANDSHAKES = 128
 #: Links at once from keys we hold no channel with (strangers: they come to open one);
-#: another stranger's link is closed as soon as its handshake is done.
+#: a new stranger's link closes the oldest one's.
 MAX_STRANGERS = 256
 #: Seconds a stranger's link may stay up without a channel with us coming of it.
 STRANGER_GRACE = 60.0

@@ -78,8 +78,9 @@ class Links:
         handler accepted as well-formed, and found forged when it handled them, even
         later in ``on_idle``); they count towards ``MAX_PEER_ERRORS`` too.
         ``known_peers()``: the peers we hold a channel with; an accepted link from a
-        key that is not one (a stranger) is one of at most ``max_strangers``, and is
-        closed after ``stranger_grace`` seconds unless a channel came of it."""
+        key that is not one (a stranger) is one of at most ``max_strangers`` (a new one
+        closes the oldest), and is closed after ``stranger_grace`` seconds unless a
+        channel came of it."""
         self.signer = signer
         self.on_frame = on_frame
         self.on_connected = on_connected
@@ -89,8 +90,8 @@ class Links:
         self.known_peers = known_peers
         self.max_strangers = MAX_STRANGERS
         self.stranger_grace = STRANGER_GRACE
-        #: Accepted links from keys that were strangers when they came.
-        self._strangers: set[bytes] = set()
+        #: Accepted links from keys that were strangers when they came, oldest first.
+        self._strangers: dict[bytes, None] = {}
         self.timeout = timeout
         self.peers: dict[bytes, Peer] = {}
         self._epochs: dict[bytes, int] = {}
@@ -204,11 +205,22 @@ class Links:
         if known is None or node_id in known:
             await self._run_peer(conn)
             return
-        self._strangers = {n for n in self._strangers if n not in known}
+        self._strangers = {n: None for n in self._strangers if n not in known}
         if node_id not in self._strangers and len(self._strangers) >= self.max_strangers:
-            log.info("refused a link from %s: %d strangers", node_id.hex()[:16], self.max_strangers)
-            return  # the server closes the connection
-        self._strangers.add(node_id)
+            # Make room by closing the oldest stranger's link: an honest stranger sends
+            # its Open right after the handshake, so it must be outpaced to be shut out
+            # (refusing the newest instead would let a few idle keys shut out everyone).
+            oldest = next(iter(self._strangers))
+            del self._strangers[oldest]
+            log.info(
+                "closing the link of %s: %d newer strangers",
+                oldest.hex()[:16],
+                len(self._strangers),
+            )
+            peer = self.peers.get(oldest)
+            if peer is not None:
+                await trio.aclose_forcefully(peer.conn)
+        self._strangers[node_id] = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expel_stranger, conn)
@@ -216,7 +228,7 @@ class Links:
                 nursery.cancel_scope.cancel()
         finally:
             if self.peers.get(node_id) is None:
-                self._strangers.discard(node_id)
+                self._strangers.pop(node_id, None)
 
     async def _expel_stranger(self, conn: Connection) -> None:
         """Close a stranger's link after ``stranger_grace`` if no channel came of it."""

@@ -418,10 +418,10 @@ Handler = Callable[[Connection], Awaitable[object]]
 
 @attrs.define
 class _Handshakes:
-    """How many incoming sockets are in the handshake now, and how many may be."""
+    """The incoming sockets in the handshake now (oldest first), and how many may be."""
 
     limit: int
-    busy: int = 0
+    active: dict[object, trio.CancelScope] = attrs.Factory(dict)
 
 
 async def _serve_one(
@@ -431,21 +431,28 @@ async def _serve_one(
     handshakes: _Handshakes,
     stream: trio.SocketStream,
 ) -> None:
-    if handshakes.busy >= handshakes.limit:
-        log.info("dropped incoming connection: %d handshakes under way", handshakes.busy)
-        await trio.aclose_forcefully(stream)
-        return
-    handshakes.busy += 1
+    if len(handshakes.active) >= handshakes.limit:
+        # Make room by dropping the oldest: an honest handshake takes a round trip or
+        # two, so a flood of stalling sockets has to outpace that to shut anyone out
+        # (refusing the newest instead would let 128 stalled sockets shut everyone out).
+        oldest = next(iter(handshakes.active))
+        handshakes.active.pop(oldest).cancel()
+    key, scope = object(), trio.CancelScope()
+    handshakes.active[key] = scope
     try:
-        try:
+        with scope:
             conn = await handshake_responder(stream, signer, handshake_timeout=handshake_timeout)
-        finally:
-            handshakes.busy -= 1
     except TransportError as exc:
         log.info("dropped incoming connection: %s", exc)
         return
     except Exception:  # a bug, but one peer must not take the listener down
         log.exception("unexpected failure in an incoming handshake")
+        return
+    finally:
+        handshakes.active.pop(key, None)
+    if scope.cancelled_caught:
+        log.info("dropped an incoming handshake: %d newer ones came", handshakes.limit)
+        await trio.aclose_forcefully(stream)
         return
     try:
         await handler(conn)
@@ -470,8 +477,8 @@ async def serve(
     Start it with ``listening = await nursery.start(serve, signer, handler)``;
     ``listening.port`` is the bound port (useful with the default ``port=0``).
     Each accepted socket gets ``handshake_timeout`` seconds to finish the
-    handshake, and while ``max_handshakes`` are under way a new socket is closed at
-    once; failures are logged and dropped.  The connection is closed
+    handshake, and at most ``max_handshakes`` are under way (a new socket drops the
+    oldest); failures are logged and dropped.  The connection is closed
     when ``handler`` returns or raises; an exception from ``handler`` is
     logged, never propagated.  Raises ``OSError`` if it cannot listen.
     """

@@ -40,34 +40,42 @@ async def _closed_by_peer(conn: Connection, within: float) -> bool:
     return False
 
 
-async def test_strangers_past_the_cap_are_turned_away_and_counterparties_are_not(
-    tmp_path: Path,
-) -> None:
-    """With ``max_strangers`` strangers linked, another stranger's link is closed once
-    its handshake is done; a counterparty (a key with a channel) still gets in, and a
-    stranger that opens a channel stops counting as one, making room."""
+async def test_past_the_cap_on_strangers_a_new_one_closes_the_oldest(tmp_path: Path) -> None:
+    """With ``max_strangers`` strangers linked, a new stranger's link closes the oldest
+    one's (so idle keys cannot shut out a newcomer who comes to open a channel); a
+    counterparty (a key with a channel) is never counted, and a stranger that opened a
+    channel stops counting as one."""
     bob_key, alice_key = Signer.generate(), Signer.generate()  # test-only keys
     async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
         async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
             cid = await _open(alice, bob)
         bob.links.max_strangers = 2
-        strangers = [await connect(Signer.generate(), bob.peer_address()) for _ in range(2)]
+        strangers = []
+        for _ in range(2):
+            strangers.append(await connect(Signer.generate(), bob.peer_address()))
+            await trio.sleep(0.05)  # bob takes them in this order
         assert not any([await _closed_by_peer(c, 0.2) for c in strangers])
         third = await connect(Signer.generate(), bob.peer_address())
-        assert await _closed_by_peer(third, 2)
-        # A counterparty is never a stranger: alice comes back and pays.
+        assert await _closed_by_peer(strangers[0], 2)
+        assert not await _closed_by_peer(strangers[1], 0.2)
+        assert not await _closed_by_peer(third, 0.2)
+        # A counterparty is never a stranger: alice comes back, pays, and closes no one.
         async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
             await alice.connect(bob.peer_address())
             await alice.pay(cid, ETH, 1)
-            # A stranger with a real client opens a channel: it no longer counts once
-            # it has one, so the next stranger gets in.
-            await strangers[0].aclose()
+            assert not await _closed_by_peer(strangers[1], 0.2)
+            # A stranger with a real client opens a channel (closing strangers[1] on
+            # the way in); once it has one it no longer counts: the next stranger finds
+            # room beside `third` and closes no one.
             async with open_client(Signer.generate(), tmp_path / "carol.sqlite") as carol:
-                await _open(carol, bob)
+                carol_cid = await _open(carol, bob)
+                assert await _closed_by_peer(strangers[1], 2)
                 fourth = await connect(Signer.generate(), bob.peer_address())
-                assert not await _closed_by_peer(fourth, 0.3)
+                assert not await _closed_by_peer(third, 0.3)
+                assert not await _closed_by_peer(fourth, 0.2)
+                await carol.pay(carol_cid, ETH, 1)
                 await fourth.aclose()
-        for c in strangers[1:]:
+        for c in (*strangers, third):
             await c.aclose()
 
 
