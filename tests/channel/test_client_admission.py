@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import trio
+from test_transport import wait_dropped
 
 from channel.client import Client, open_client
 from channel.errors import TransportError
 from channel.keys import Signer
+from channel.limits import MAX_HANDSHAKES
 from channel.state import ETH
 from channel.transport import Connection, connect
 
@@ -98,3 +100,27 @@ async def test_a_strangers_link_lasts_the_grace_unless_a_channel_comes_of_it(
             await trio.sleep(1.0)
             assert bob.links.is_connected(carol_key.node_id)
             await carol.pay(cid, ETH, 1)
+
+
+async def test_a_flood_of_stalled_sockets_never_keeps_a_counterparty_out(tmp_path: Path) -> None:
+    """With the default cap (``MAX_HANDSHAKES``), MAX_HANDSHAKES + 72 sockets that
+    never handshake: the oldest 72 are dropped at once, and the counterparty reconnects
+    and pays while the rest still stall."""
+    bob_key, alice_key = Signer.generate(), Signer.generate()  # test-only keys
+    extra = 72
+    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+            cid = await _open(alice, bob)
+        addr = bob.peer_address()
+        stalled = []
+        for _ in range(MAX_HANDSHAKES + extra):
+            stalled.append(await trio.open_tcp_stream(addr.host, addr.port))
+        with trio.fail_after(5):  # long before the 10 s handshake timeout
+            for s in stalled[:extra]:
+                await wait_dropped(s)
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+            with trio.fail_after(5):
+                await alice.connect(addr)
+                await alice.pay(cid, ETH, 1)
+        for s in stalled:
+            await s.aclose()
