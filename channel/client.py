@@ -146,11 +146,18 @@ class Client(ChannelTable):
     def address(self) -> bytes:
         return self.signer.address
 
-    def peer_address(self) -> PeerAddress:
-        """``pubkey@host:port`` at which this client accepts connections."""
+    def peer_address(self, host: str | None = None) -> PeerAddress:
+        """``pubkey@host:port`` at which this client accepts connections: the bound host,
+        or ``host`` (the public name or address peers reach us at, when we listen on
+        ``0.0.0.0`` or behind a NAT that keeps the port).  Raises ``LocalProtocolError``
+        when the client does not listen, ``ValueError`` for a host no address can carry."""
         if self.listening is None:
             raise LocalProtocolError("the client is not listening")
-        return PeerAddress(node_id=self.node_id, host=self.listening.host, port=self.listening.port)
+        return PeerAddress(
+            node_id=self.node_id,
+            host=self.listening.host if host is None else host,
+            port=self.listening.port,
+        )
 
     def add_state_listener(self, fn: StateListener) -> None:
         """Call ``fn(params, signed)`` after every new co-signed state is durable."""

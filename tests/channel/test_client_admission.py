@@ -1,6 +1,6 @@
 """Who may hold a link to a client: strangers (keys it holds no channel with) come to
 open a channel, so they are let in, but only so many at once and only for so long;
-its counterparties are never held back by them."""
+its counterparties are never held back by them.  And the address it hands peers."""
 
 from __future__ import annotations
 
@@ -124,3 +124,27 @@ async def test_a_flood_of_stalled_sockets_never_keeps_a_counterparty_out(tmp_pat
                 await alice.pay(cid, ETH, 1)
         for s in stalled:
             await s.aclose()
+
+
+async def test_a_client_on_all_interfaces_hands_out_the_host_peers_reach_it_at(
+    tmp_path: Path,
+) -> None:
+    """Listening on 0.0.0.0, ``peer_address()`` names the bound host, which no peer can
+    dial; ``peer_address(host)`` names the one they can, with the listening port and
+    key, and a peer opens a channel through it.  A host no address can carry is a
+    ValueError."""
+    bob_key = Signer.generate()  # test-only key
+    async with open_client(bob_key, tmp_path / "bob.sqlite", host="0.0.0.0") as bob:
+        bound = bob.peer_address()
+        assert bound.host == "0.0.0.0"
+        public = bob.peer_address("127.0.0.1")
+        assert (public.node_id, public.port) == (bob_key.node_id, bound.port)
+        assert str(public) == f"{bob_key.node_id.hex()}@127.0.0.1:{bound.port}"
+        for bad in ("", "two words", "user@host"):
+            with pytest.raises(ValueError, match="bad host"):
+                bob.peer_address(bad)
+        async with open_client(Signer.generate(), tmp_path / "alice.sqlite") as alice:
+            cid = await alice.open_channel(
+                public, chain_id=1, adjudicator=ADJ, challenge_duration=60, balances=[(ETH, 5, 5)]
+            )
+            await alice.pay(cid, ETH, 1)
