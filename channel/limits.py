@@ -30,8 +30,9 @@ MAX_CHANNELS_PER_PEER = 16
 #: Live channels in all past which we refuse every peer's ``Open`` (ours still open):
 #: new keys cost nothing, so the cap per peer alone does not bound the total.
 MAX_CHANNELS = 10_000
-#: Sockets a listener holds in the BOLT 8 handshake at once; a new one drops the oldest
-#: (a handshake costs its sender a connect, and holds a socket for up to HANDSHAKE_TIMEOUT).
+#: Sockets a listener holds in the BOLT 8 handshake at once; a new one drops the oldest of
+#: the source host holding the most (a handshake costs its sender a connect, and holds a
+#: socket for up to HANDSHAKE_TIMEOUT).
 MAX_HANDSHAKES = 128
 #: Links at once from keys we hold no channel with (strangers: they come to open one);
 #: a new stranger's link closes the oldest one's.

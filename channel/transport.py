@@ -418,10 +418,31 @@ Handler = Callable[[Connection], Awaitable[object]]
 
 @attrs.define
 class _Handshakes:
-    """The incoming sockets in the handshake now (oldest first), and how many may be."""
+    """The incoming sockets in the handshake now (oldest first, each with its source
+    host), and how many may be."""
 
     limit: int
-    active: dict[object, trio.CancelScope] = attrs.Factory(dict)
+    active: dict[object, tuple[str, trio.CancelScope]] = attrs.Factory(dict)
+
+    def make_room(self) -> None:
+        """Drop the oldest handshake of the source host that holds the most.  An honest
+        handshake takes a round trip or two, so a flood of stalling sockets has to
+        outpace that to shut anyone out; one from a single host only ever drops its own
+        sockets.  (Refusing the newest instead would let 128 stalled sockets shut
+        everyone out.)"""
+        per_host: dict[str, int] = {}
+        for host, _ in self.active.values():
+            per_host[host] = per_host.get(host, 0) + 1
+        busiest = max(per_host, key=per_host.__getitem__)
+        key = next(k for k, (host, _) in self.active.items() if host == busiest)
+        self.active.pop(key)[1].cancel()
+
+
+def _source_host(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:  # already reset by the peer
+        return ""
 
 
 async def _serve_one(
@@ -432,13 +453,9 @@ async def _serve_one(
     stream: trio.SocketStream,
 ) -> None:
     if len(handshakes.active) >= handshakes.limit:
-        # Make room by dropping the oldest: an honest handshake takes a round trip or
-        # two, so a flood of stalling sockets has to outpace that to shut anyone out
-        # (refusing the newest instead would let 128 stalled sockets shut everyone out).
-        oldest = next(iter(handshakes.active))
-        handshakes.active.pop(oldest).cancel()
+        handshakes.make_room()
     key, scope = object(), trio.CancelScope()
-    handshakes.active[key] = scope
+    handshakes.active[key] = (_source_host(stream), scope)
     try:
         with scope:
             conn = await handshake_responder(stream, signer, handshake_timeout=handshake_timeout)
@@ -478,8 +495,8 @@ async def serve(
     ``listening.port`` is the bound port (useful with the default ``port=0``).
     Each accepted socket gets ``handshake_timeout`` seconds to finish the
     handshake, and at most ``max_handshakes`` are under way (a new socket drops the
-    oldest); failures are logged and dropped.  The connection is closed
-    when ``handler`` returns or raises; an exception from ``handler`` is
+    oldest of the source host that holds the most); failures are logged and dropped.
+    The connection is closed when ``handler`` returns or raises; an exception from ``handler`` is
     logged, never propagated.  Raises ``OSError`` if it cannot listen.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)

@@ -273,6 +273,34 @@ async def test_past_the_cap_on_handshakes_a_new_socket_drops_the_oldest() -> Non
             nursery.cancel_scope.cancel()
 
 
+async def test_a_flood_from_one_host_drops_only_its_own_handshakes() -> None:
+    """Past ``max_handshakes``, the socket dropped is the oldest of the source host
+    holding the most: a slow handshake from another host, though older than all the
+    flood's, stays (loopback takes any 127/8 source address)."""
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo, handshake_timeout=30, max_handshakes=3)
+            slow = await trio.open_tcp_stream(address.host, address.port, local_address="127.0.0.3")
+            await trio.sleep(0.05)
+            flood = []
+            for _ in range(5):
+                flood.append(
+                    await trio.open_tcp_stream(
+                        address.host, address.port, local_address="127.0.0.2"
+                    )
+                )
+                await trio.sleep(0.05)  # the server takes them in this order
+            with trio.fail_after(2):
+                for s in flood[:3]:  # 3 slots: slow + 2 of the flood's, its newest
+                    await wait_dropped(s)
+            with trio.move_on_after(0.3) as still:
+                await wait_dropped(slow)
+            assert still.cancelled_caught, "the other host's handshake was dropped"
+            for s in [slow, *flood]:
+                await s.aclose()
+            nursery.cancel_scope.cancel()
+
+
 async def test_garbage_instead_of_act_one_is_dropped_and_server_serves_on() -> None:
     """Random bytes in place of act one get the socket closed; the next honest peer is served."""
     with trio.fail_after(TEST_DEADLINE):
