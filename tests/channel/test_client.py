@@ -194,6 +194,23 @@ def _alice_pays_one(state: State) -> State:
     )
 
 
+@asynccontextmanager
+async def bob_alone_after_a_pay(
+    tmp_path: Path, alice_key: Signer, bob_key: Signer
+) -> AsyncIterator[tuple[Client, bytes, Params, SignedState]]:
+    """Bob running, after alice opened a channel with him, paid 1 and stopped:
+    ``(bob, channel id, params, bob's latest co-signed state)``.  Alice's store stays in
+    ``tmp_path`` for her to come back."""
+    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+            cid = await _open(alice, bob, TOTAL)
+            await alice.pay(cid, ETH, 1)
+            params = alice.params(cid)
+        latest = bob.latest(cid)
+        assert latest is not None
+        yield bob, cid, params, latest
+
+
 async def _refusal(conn: Connection) -> Reject | codec.Error:
     """The next ``Reject`` or ``Error`` the peer sends (its resync messages skipped)."""
     with trio.fail_after(5):
@@ -979,13 +996,7 @@ async def test_a_counterparty_sending_forged_messages_is_cut_off_and_a_stale_one
     link, his state unchanged.  Replayed proposals, which an honest peer can send after
     a reconnect, are refused each time and never cost the link."""
     alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
-    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
-        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
-            cid = await _open(alice, bob, TOTAL)
-            await alice.pay(cid, ETH, 1)
-            params = alice.params(cid)
-        latest = bob.latest(cid)
-        assert latest is not None
+    async with bob_alone_after_a_pay(tmp_path, alice_key, bob_key) as (bob, cid, params, latest):
         v = latest.state.version
         nxt = _alice_pays_one(latest.state)
         forged = alice_key.sign(b"\x11" * 32)  # well formed, over another digest

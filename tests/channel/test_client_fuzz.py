@@ -50,7 +50,14 @@ import cbor2
 import pytest
 import trio
 from fuzz_frames import BIG, Forger, Frame, View, totals, wire
-from test_client import TOTAL, _durable, _open, _raw_stranger_frames, _wait_same
+from test_client import (
+    TOTAL,
+    _durable,
+    _open,
+    _raw_stranger_frames,
+    _wait_same,
+    bob_alone_after_a_pay,
+)
 
 from channel import codec, errors, noise
 from channel.client import Client, open_client
@@ -763,13 +770,7 @@ async def test_a_signed_proposal_past_the_int64_range_neither_stops_bob_nor_chan
     as ``StaleVersion``: bob's client keeps running, his store keeps every row it had, and
     alice then pays as usual."""
     alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
-    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
-        async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
-            cid = await _open(alice, bob, TOTAL)
-            await alice.pay(cid, ETH, 1)
-            params = alice.params(cid)
-        latest = bob.latest(cid)
-        assert latest is not None
+    async with bob_alone_after_a_pay(tmp_path, alice_key, bob_key) as (bob, cid, params, latest):
         await bob.drain()
         _, rows = _durable(tmp_path / "bob.sqlite")
         a = latest.state.allocations[0]
