@@ -72,7 +72,7 @@ from channel.machine import (
 from channel.outbox import Outbox
 from channel.registry import ChannelInfo, ChannelTable
 from channel.state import Allocation, Params, SignedState, State
-from channel.store import PersistChannel, Store
+from channel.store import PersistChannel, Store, StoreLock
 from channel.transport import Listening, PeerAddress, serve
 
 log = logging.getLogger("optichannel.client")
@@ -532,13 +532,19 @@ async def open_client(
     An exception that ends the client (from the block, or ``StoreError`` when the store
     stops committing) leaves the ``async with`` as itself; several at once leave as one
     ``BaseExceptionGroup``."""
-    store = Store(store_path, owner=signer.address)
+    lock = StoreLock(store_path)  # first: a second client must not even migrate it
+    try:
+        store = Store(store_path, owner=signer.address)
+    except BaseException:
+        lock.release()
+        raise
     try:
         # Before the first commit: every lock-step commit then writes over WAL blocks
         # the file has (see Store.warm_wal), from the first update after a start.
         await trio.to_thread.run_sync(store.warm_wal)
     except BaseException:
         store.close()
+        lock.release()
         raise
     client = Client(
         signer,
@@ -569,6 +575,7 @@ async def open_client(
         raise inner from inner.__cause__
     finally:
         store.close()
+        lock.release()
 
 
 def _unwrap(exc: BaseException) -> BaseException:

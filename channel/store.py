@@ -25,6 +25,8 @@ is refused with ``StoreError`` rather than guessed at.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -377,6 +379,59 @@ class Store:
         self._db.close()
 
 
+class StoreLock:
+    """The claim of one running client on a store: an exclusive ``flock`` on the file
+    ``<store>.lock`` beside it, held until :meth:`release` (or the process's death: the
+    kernel drops it with the last descriptor, so a SIGKILLed client leaves no stale lock).
+
+    Two clients on one store would each run its own machines from the same rows: each
+    signs versions the other does not know it signed, and rule S (never two states at
+    one version) no longer holds.  ``open_client`` therefore takes this lock first and
+    refuses to start on a store another client holds.  The lock lives in a file of its
+    own, not on the database: closing any descriptor of a file drops every POSIX lock
+    the process holds on it, SQLite's included.  Tools that only read or set a status
+    (the ``optichannel`` CLI) open the store without it.
+    """
+
+    def __init__(self, store_path: str | Path) -> None:
+        self.path = Path(f"{store_path}.lock")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"{store_path}: cannot open its lock file: {exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise StoreError(
+                f"{store_path} is in use by another running client"
+                f"{f' (pid {holder})' if holder else ''}: two clients on one store would "
+                "sign conflicting states; stop the other one first"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"{store_path}: cannot lock {self.path.name}: {exc}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Let another client open the store (the lock file stays: removing it would race
+        with a client that just opened it)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+        return int(text) if text.isdigit() else None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 __all__ = [
     "BURNED",
     "COSIGNED",
@@ -388,5 +443,6 @@ __all__ = [
     "PersistStatus",
     "Plan",
     "Store",
+    "StoreLock",
     "StoreOp",
 ]

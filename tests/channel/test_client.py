@@ -18,7 +18,13 @@ from channel import codec, noise
 from channel.client import FUNDING, OPEN, Client, Update, open_client
 from channel.codec import Propose, Reject
 from channel.eip712 import state_digest
-from channel.errors import LocalProtocolError, PeerTimeout, TransportError, UpdateRejected
+from channel.errors import (
+    LocalProtocolError,
+    PeerTimeout,
+    StoreError,
+    TransportError,
+    UpdateRejected,
+)
 from channel.keys import HALF_N, SECP256K1_N, Signer, recover
 from channel.lane import CLOSED
 from channel.links import MAX_PEER_ERRORS
@@ -1038,3 +1044,24 @@ async def test_a_counterparty_sending_forged_messages_is_cut_off_and_a_stale_one
         async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
             await alice.pay(cid, ETH, 1)
             await _wait_same(alice, bob, cid)
+
+
+async def test_a_second_client_on_a_store_in_use_is_refused_and_the_first_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Two clients on one store would each run a machine over the same channels, each
+    signing versions the other does not know it signed: the second is refused before
+    it touches the file, and the first keeps working."""
+    async with pair(tmp_path) as (alice, bob, cid):
+        await alice.pay(cid, ETH, 1)
+        mtime = (tmp_path / "alice.sqlite").stat().st_mtime_ns
+        with pytest.raises(StoreError, match=r"in use by another running client \(pid \d+\)"):
+            async with open_client(alice.signer, tmp_path / "alice.sqlite"):
+                pass
+        assert (tmp_path / "alice.sqlite").stat().st_mtime_ns == mtime
+        await alice.pay(cid, ETH, 1)
+        await _wait_same(alice, bob, cid)
+        key = alice.signer
+    async with open_client(key, tmp_path / "alice.sqlite", port=None) as again:
+        latest = again.latest(cid)
+        assert latest is not None and latest.state.version == 2

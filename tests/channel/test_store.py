@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from channel.store import (
     SCHEMA_VERSION,
     PersistChannel,
     Store,
+    StoreLock,
     StoreOp,
 )
 
@@ -708,3 +713,42 @@ def test_a_proposal_below_a_latest_set_earlier_in_the_same_batch_is_refused(path
     )
     (rec,) = store.load()
     assert rec.latest is not None and rec.latest.state.version == 10
+
+
+# -- the lock of a running client ----------------------------------------------
+
+_HOLD_LOCK = """
+import sys, time
+from channel.store import StoreLock
+StoreLock(sys.argv[1])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_store_locked_by_another_process_is_refused_until_that_process_dies(
+    tmp_path: Path,
+) -> None:
+    """The lock names the holder's pid, and a SIGKILLed holder leaves no stale lock
+    (the kernel drops a flock with its last descriptor): a crashed client restarts."""
+    path = tmp_path / "alice.sqlite"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "locked\n"
+        held = rf"in use by another running client \(pid {holder.pid}\)"
+        with pytest.raises(StoreError, match=held):
+            StoreLock(path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    lock = StoreLock(path)
+    with pytest.raises(StoreError, match="in use by another running client"):
+        StoreLock(path)  # a second lock in one process is refused too
+    lock.release()
+    StoreLock(path).release()
