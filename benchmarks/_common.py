@@ -191,6 +191,34 @@ def wait_result(conn: Any, proc: Any, timeout: float, what: str) -> Any:
     return conn.recv()
 
 
+def client_options() -> dict[str, Any]:
+    """Keyword arguments for every ``open_client`` of a benchmark's children: the
+    defaults, unless ``--busy-poll S`` (``add_client_options``) set
+    ``OPTICHANNEL_BENCH_BUSY_POLL`` for an A/B run in one command."""
+    value = os.environ.get("OPTICHANNEL_BENCH_BUSY_POLL")
+    return {} if value is None else {"busy_poll": float(value)}
+
+
+def add_client_options(ap: Any) -> None:
+    """``--busy-poll S``: the children's clients poll S seconds after sending (0: off)."""
+    ap.add_argument(
+        "--busy-poll",
+        type=float,
+        metavar="S",
+        help="open_client(busy_poll=S) in the children (default: channel.limits.BUSY_POLL)",
+    )
+
+
+def apply_client_options(args: Any) -> float:
+    """Pass ``--busy-poll`` on to the spawned children; the value their clients use."""
+    from channel.limits import BUSY_POLL
+
+    if args.busy_poll is not None:
+        os.environ["OPTICHANNEL_BENCH_BUSY_POLL"] = repr(args.busy_poll)
+        return float(args.busy_poll)
+    return BUSY_POLL
+
+
 #: What ``OPTICHANNEL_BENCH_ABLATE`` can switch off in the channel benchmark's children.
 ABLATIONS = ("crypto", "store")
 

@@ -35,6 +35,9 @@ from _common import (
     ADJUDICATOR,
     BALANCES,
     CHAIN_ID,
+    add_client_options,
+    apply_client_options,
+    client_options,
     finish_pair,
     log,
     machine_info,
@@ -112,7 +115,9 @@ def bob_main(secret: bytes, store_dir: str, parent: Any, ctl: Any) -> None:
     install_stamps("B", stamps)
 
     async def main() -> None:
-        async with open_client(Signer.from_bytes(secret), Path(store_dir) / "bob.sqlite") as bob:
+        async with open_client(
+            Signer.from_bytes(secret), Path(store_dir) / "bob.sqlite", **client_options()
+        ) as bob:
             parent.send(str(bob.peer_address()))
             while (cmd := await trio.to_thread.run_sync(ctl.recv)) != "stop":
                 if cmd == "clear":
@@ -133,7 +138,7 @@ def alice_main(secret: bytes, store_dir: str, bob_addr: str, n: int, parent: Any
 
     async def main() -> Stamps:
         async with open_client(
-            Signer.from_bytes(secret), Path(store_dir) / "alice.sqlite"
+            Signer.from_bytes(secret), Path(store_dir) / "alice.sqlite", **client_options()
         ) as alice:
             cid = await alice.open_channel(
                 PeerAddress.parse(bob_addr),
@@ -220,7 +225,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pays", type=int, help="lock-step pays traced (default 2000, quick 500)")
     ap.add_argument("--quick", action="store_true", help="smaller run (a few seconds)")
+    add_client_options(ap)
     args = ap.parse_args()
+    busy_poll = apply_client_options(args)
     args.pays = args.pays or (500 if args.quick else 2000)
     from channel.keys import Signer
 
@@ -240,6 +247,7 @@ def main() -> None:
         log(f"tracing {args.pays} lock-step pays")
         stamps_a, stamps_b = finish_pair(a_parent, alice, bob, 600, "alice")
     result = {"benchmark": "lockstep_trace", "quick": args.quick, **analyse(stamps_a, stamps_b)}
+    result["busy_poll"] = busy_poll
     result["machine"] = machine_info()
     print(json.dumps(result))
 

@@ -37,6 +37,9 @@ from _common import (
     CHAIN_ID,
     Profiler,
     StoreCounter,
+    add_client_options,
+    apply_client_options,
+    client_options,
     delta,
     finish_pair,
     log,
@@ -66,7 +69,11 @@ def peers_main(
             for i, secret in enumerate(secrets):
                 clients.append(
                     await stack.enter_async_context(
-                        open_client(Signer.from_bytes(secret), Path(store_dir) / f"peer{i}.sqlite")
+                        open_client(
+                            Signer.from_bytes(secret),
+                            Path(store_dir) / f"peer{i}.sqlite",
+                            **client_options(),
+                        )
                     )
                 )
             parent.send([str(c.peer_address()) for c in clients])
@@ -109,7 +116,9 @@ def maker_main(
         return counter.snapshot(), ctl.recv()
 
     async def main() -> dict[str, Any]:
-        async with open_client(Signer.from_bytes(secret), Path(store_dir) / "maker.sqlite") as mm:
+        async with open_client(
+            Signer.from_bytes(secret), Path(store_dir) / "maker.sqlite", **client_options()
+        ) as mm:
             cids: list[bytes] = []
             t0 = time.perf_counter()
 
@@ -190,7 +199,9 @@ def main() -> None:
         "--updates", type=int, help="total updates (default 40000, quick 10000), rounded"
     )
     ap.add_argument("--profile", metavar="DIR", help="write cProfile stats of both processes")
+    add_client_options(ap)
     args = ap.parse_args()
+    busy_poll = apply_client_options(args)
     total = args.updates or (10000 if args.quick else 40000)
     per_worker = max(1, round(total / (args.channels * args.workers)))
     if args.profile:
@@ -259,6 +270,7 @@ def main() -> None:
         },
         "store_apply_s": {"maker": round(m["apply_s"], 3), "peers": round(pe["apply_s"], 3)},
         "seconds_total": round(time.perf_counter() - t_start, 1),
+        "busy_poll": busy_poll,
         "machine": machine_info(),
     }
     print(json.dumps(result))

@@ -55,6 +55,9 @@ from _common import (
     Profiler,
     StoreCounter,
     ablations,
+    add_client_options,
+    apply_client_options,
+    client_options,
     cpu_seconds,
     delta,
     finish_pair,
@@ -101,7 +104,10 @@ def bob_main(
 
     async def main() -> None:
         async with open_client(
-            Signer.from_bytes(secret), Path(store_dir) / "bob.sqlite", window=window
+            Signer.from_bytes(secret),
+            Path(store_dir) / "bob.sqlite",
+            window=window,
+            **client_options(),
         ) as bob:
             parent.send(str(bob.peer_address()))
             while True:
@@ -149,7 +155,10 @@ def alice_main(
 
     async def main() -> None:
         async with open_client(
-            Signer.from_bytes(secret), Path(store_dir) / "alice.sqlite", window=window
+            Signer.from_bytes(secret),
+            Path(store_dir) / "alice.sqlite",
+            window=window,
+            **client_options(),
         ) as alice:
             cid = await alice.open_channel(
                 PeerAddress.parse(bob_addr),
@@ -619,7 +628,9 @@ def main() -> None:
     ap.add_argument(
         "--no-bare", action="store_true", help="skip the bare baseline (for profiling runs)"
     )
+    add_client_options(ap)
     args = ap.parse_args()
+    busy_poll = apply_client_options(args)
     rounds = max(1, args.rounds)
     n_pipe = -(-(args.pipelined or (6000 if args.quick else 21000)) // rounds)
     n_lock = -(-(args.lockstep or (900 if args.quick else 2100)) // rounds)
@@ -808,6 +819,7 @@ def main() -> None:
         "ablations": ablations(),
         "final_version": final_version,
         "seconds_total": round(time.perf_counter() - t_start, 1),
+        "busy_poll": busy_poll,
         "machine": machine_info(),
     }
     print(json.dumps(result))

@@ -28,7 +28,7 @@ import outcome
 import trio
 import trio.lowlevel
 
-from channel import codec
+from channel import busypoll, codec
 from channel.errors import LocalProtocolError
 from channel.links import Links
 from channel.machine import (
@@ -129,7 +129,18 @@ class Committer:
         self._commits += 1
         if self._commits >= CHECKPOINT_EVERY_COMMITS:
             self._commits = 0
-            self._worker.jobs.put(self._checkpoint)
+            # No busy polling until the checkpoint is done: its thread needs the GIL.
+            busypoll.acquire()
+            token = trio.lowlevel.current_trio_token()
+
+            def job() -> None:
+                try:
+                    self._checkpoint()
+                finally:
+                    with contextlib.suppress(trio.RunFinishedError):  # the run ended
+                        token.run_sync_soon(busypoll.release)
+
+            self._worker.jobs.put(job)
 
     def _checkpoint(self) -> None:
         try:
@@ -173,7 +184,10 @@ class Committer:
 
         self._worker.jobs.put(job)
         self._counted()
-        result = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        with busypoll.hold():  # the thread needs the GIL that a polling loop holds
+            result = await trio.lowlevel.wait_task_rescheduled(
+                lambda _: trio.lowlevel.Abort.FAILED
+            )
         return result  # type: ignore[no-any-return]
 
     def close(self) -> None:
@@ -192,8 +206,10 @@ class Outbox:
         *,
         on_note: Callable[[Output], None],
         on_durable: Callable[[PersistLatest], None],
+        busy_poll: float = 0.0,
     ) -> None:
         self.store = store
+        self.busy_poll = busy_poll  # seconds of polling after frames went out (busypoll)
         self.links = links
         self.on_note = on_note
         self.on_durable = on_durable
@@ -270,7 +286,8 @@ class Outbox:
                     plan = self.store.prepare(ops)
                     if not (
                         len(ops) <= INLINE_COMMIT_OPS
-                        and trio.lowlevel.current_statistics().tasks_runnable == 0
+                        and trio.lowlevel.current_statistics().tasks_runnable
+                        <= busypoll.runnable()
                         and committer.try_commit_inline(plan)
                     ):
                         await committer.commit(plan)
@@ -298,7 +315,7 @@ class Outbox:
             or not self.ops
             or len(self.ops) > INLINE_COMMIT_OPS
             or self._last_batch_ops > INLINE_COMMIT_OPS
-            or trio.lowlevel.current_statistics().tasks_runnable > 1
+            or trio.lowlevel.current_statistics().tasks_runnable > 1 + busypoll.runnable()
         ):
             return
         try:
@@ -335,6 +352,8 @@ class Outbox:
             # Offline, stalled or reconnected since: the reconnect Sync carries
             # everything that matters.
             self.links.queue(node_id, frames, epoch=epoch)
+        if sends:
+            busypoll.extend(self.busy_poll)  # the peer's answer is on its way soon
         for note in notes:
             self.on_note(note)
         for op in ops:

@@ -1,0 +1,161 @@
+"""Busy polling (channel.busypoll): the loop polls for as long as it was asked to after
+frames went out, then parks; never while a job waits on another thread; not at all when
+it is off.  Real time (the poller's budget is ``time.perf_counter``), real sockets."""
+
+from __future__ import annotations
+
+import resource
+import socket
+from pathlib import Path
+
+import trio
+import trio.lowlevel
+
+from channel import busypoll
+from channel.client import open_client
+from channel.keys import Signer
+from channel.state import ETH
+
+ADJ = b"\xad" * 20
+
+
+def _polling() -> bool:
+    """The poller exists and is looping (not parked)."""
+    try:
+        p = busypoll._POLLER.get()
+    except LookupError:
+        return False
+    return p.parked.statistics().tasks_waiting == 0
+
+
+def _blocking_waits() -> int:
+    """Voluntary context switches of this thread so far: each is a wait that blocked
+    (in ``epoll_wait``, an fsync, a lock), which a polling loop never does."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
+async def test_the_loop_polls_until_the_deadline_then_parks() -> None:
+    busypoll.extend(0.05)
+    await trio.lowlevel.checkpoint()
+    assert _polling()
+    await trio.sleep(0.02)
+    assert _polling(), "parked before its deadline"
+    await trio.sleep(0.06)
+    assert not _polling(), "still polling after its deadline"
+
+
+async def test_a_later_deadline_extends_polling_and_an_earlier_one_does_not_cut_it() -> None:
+    busypoll.extend(0.08)
+    busypoll.extend(0.001)  # must not shorten the 80 ms asked for first
+    await trio.sleep(0.03)
+    assert _polling()
+    await trio.sleep(0.08)
+    assert not _polling()
+
+
+async def test_zero_or_less_never_polls() -> None:
+    busypoll.extend(0)
+    busypoll.extend(-1.0)
+    await trio.lowlevel.checkpoint()
+    assert not _polling()
+
+
+async def test_no_polling_while_a_job_waits_on_another_thread() -> None:
+    """The job's thread needs the GIL, which a polling loop keeps taking back; polling
+    resumes when the wait ends, if its deadline is still ahead."""
+    with busypoll.hold():
+        busypoll.extend(0.05)
+        await trio.sleep(0.005)
+        assert not _polling(), "polled while a thread needed the GIL"
+    await trio.lowlevel.checkpoint()
+    assert _polling()
+    await trio.sleep(0.08)
+    with busypoll.hold():
+        pass
+    await trio.lowlevel.checkpoint()
+    assert not _polling(), "a hold that ended after the deadline restarted polling"
+
+
+async def test_while_polling_the_loop_never_blocks_and_a_frame_wakes_its_reader() -> None:
+    """The point of it all: with the poller looping, the scheduler polls with a zero
+    timeout instead of sleeping in ``epoll_wait``, and a reader on a real socket is still
+    woken by its data; parked, the same wait blocks."""
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    got = trio.Event()
+
+    async def reader() -> None:
+        await a.recv(1)
+        got.set()
+
+    with a, b:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.sleep(0.002)
+            assert not _polling()
+            before = _blocking_waits()
+            await trio.sleep(0.02)
+            assert _blocking_waits() > before, "a parked poller's loop should block"
+
+            busypoll.extend(0.2)
+            await trio.lowlevel.checkpoint()
+            before = _blocking_waits()
+            await trio.sleep(0.02)
+            await b.send(b"x")
+            with trio.fail_after(1):
+                await got.wait()
+            assert _blocking_waits() == before, "the loop blocked while polling"
+            assert _polling()
+
+
+async def test_clients_poll_after_they_send_and_not_at_all_with_busy_poll_zero(
+    tmp_path: Path,
+) -> None:
+    """Two clients in one run share one poller; with ``busy_poll=0`` a pay never starts
+    it, with the default it polls once frames went out, and parks again when idle."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with (
+        open_client(alice_key, tmp_path / "a.sqlite", busy_poll=0) as alice,
+        open_client(bob_key, tmp_path / "b.sqlite", busy_poll=0) as bob,
+    ):
+        cid = await alice.open_channel(
+            bob.peer_address(),
+            chain_id=1,
+            adjudicator=ADJ,
+            challenge_duration=60,
+            balances=[(ETH, 100, 100)],
+        )
+        for _ in range(3):
+            await alice.pay(cid, ETH, 1)
+        try:
+            busypoll._POLLER.get()
+            started = True
+        except LookupError:
+            started = False
+        assert not started, "busy_poll=0 started the poller"
+    async with (
+        open_client(alice_key, tmp_path / "a.sqlite", busy_poll=0.2) as alice,
+        open_client(bob_key, tmp_path / "b.sqlite", busy_poll=0.2) as bob,
+    ):
+        await alice.connect(bob.peer_address())
+        signed = await alice.pay(cid, ETH, 1)
+        assert signed.state.allocations[0].balances == (96, 104)
+        assert _polling()
+        await trio.sleep(0.3)
+        assert not _polling()
+
+
+async def test_runnable_counts_the_poller_only_while_it_loops() -> None:
+    """What the outbox subtracts when it asks whether the loop is otherwise idle (its
+    lock-step shortcut commits on the loop only then)."""
+    assert busypoll.runnable() == 0
+    busypoll.extend(0.05)
+    await trio.lowlevel.checkpoint()
+    for _ in range(50):
+        # The outbox's idle test holds while the poller loops and nothing else runs (the
+        # poller is either queued, and counted, or still in the scheduler's batch).
+        assert busypoll.runnable() == 1
+        assert trio.lowlevel.current_statistics().tasks_runnable <= busypoll.runnable()
+        await trio.lowlevel.checkpoint()
+    await trio.sleep(0.08)
+    assert busypoll.runnable() == 0
+    assert trio.lowlevel.current_statistics().tasks_runnable == 0
