@@ -22,7 +22,10 @@ instead of added up.
     in sequence.
 
 Both keep the rule that no signature leaves a process before the state it signs is
-durable there.  The orders alternate in rounds in the same pair of processes.  Each
+durable there.  Each order runs twice: with busy polling as the client does by default
+(``channel.busypoll``: after each send, the loop polls its socket for ``BUSY_POLL``
+instead of blocking), and blocking (``<order>_blocking_*``, the client with
+``busy_poll=0``).  The orders and modes alternate in rounds in the same pair of processes.  Each
 party checkpoints its WAL inline every 300 rows (a few ms): p99 shows those stalls,
 which the client takes off the commit path; p50 and p90 are the floors.
 """
@@ -57,7 +60,12 @@ from _common import (
 )
 from updates import _frame, _frames
 
+from channel import busypoll
+from channel.limits import BUSY_POLL
+
 ORDERS = ("proposer_first", "responder_first")
+#: Busy polling after each send (seconds; 0 blocks): the client's default, and off.
+MODES = {"": BUSY_POLL, "_blocking": 0.0}
 ROUNDS = 4
 #: Confirms the responder holds back waits at most this long for a commit to join.
 CONFIRM_IDLE_S = 0.001
@@ -75,6 +83,13 @@ class _Party:
         self.rows = 0
         self.buf = bytearray()
         self.frames: list[bytes] = []
+        self.poll = 0.0  # busy polling after each send (seconds)
+
+    async def send(self, stream: Any, msg: list[Any]) -> None:
+        import cbor2
+
+        await stream.send_all(_frame(cbor2.dumps(msg)))
+        busypoll.extend(self.poll)
 
     def commit(self, *bodies: bytes) -> None:
         probe_commit(self.db, self.key, self.rows + 1, *bodies)
@@ -126,6 +141,9 @@ def responder_main(secret: bytes, proposer: bytes, path: str, parent: Any) -> No
             if kind == "params":
                 params = codec.params_from_wire(msg[1])
                 continue
+            if kind == "mode":
+                me.poll = msg[1]
+                continue
             assert params is not None
             if kind == "P":
                 _, v, wire, sig = msg
@@ -138,7 +156,7 @@ def responder_main(secret: bytes, proposer: bytes, path: str, parent: Any) -> No
                 me.commit(*held, blob + (sig or b"") + mine)
                 held = []
                 digests[v] = (digest, blob + mine)
-                await stream.send_all(_frame(cbor2.dumps(["A", v, mine])))
+                await me.send(stream, ["A", v, mine])
             elif kind == "C":
                 _, v, sig = msg
                 digest, row = digests.pop(v)
@@ -204,7 +222,7 @@ def proposer_main(
         sig = me.signer.sign(digest)
         blob = cbor2.dumps(wire, canonical=True)
         me.commit(blob + sig)
-        await stream.send_all(_frame(cbor2.dumps(["P", state.version, wire, sig])))
+        await me.send(stream, ["P", state.version, wire, sig])
         theirs = await accept(stream, state.version, digest)
         me.commit(blob + sig + theirs)
         return time.perf_counter() - t
@@ -214,27 +232,35 @@ def proposer_main(
         state = next_state()
         wire = codec.state_to_wire(state)
         digest = state_digest(params, state)
-        await stream.send_all(_frame(cbor2.dumps(["P", state.version, wire, None])))
+        await me.send(stream, ["P", state.version, wire, None])
         blob = cbor2.dumps(wire, canonical=True)
         theirs = await accept(stream, state.version, digest)
         sig = me.signer.sign(digest)
         me.commit(blob + theirs + sig)
         done = time.perf_counter() - t
-        await stream.send_all(_frame(cbor2.dumps(["C", state.version, sig])))
+        await me.send(stream, ["C", state.version, sig])
         return done
 
     async def main() -> dict[str, list[float]]:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(_frame(cbor2.dumps(["params", codec.params_to_wire(params)])))
         runs = {"proposer_first": proposer_first, "responder_first": responder_first}
-        lat: dict[str, list[float]] = {o: [] for o in ORDERS}
-        for o in ORDERS:  # warm-up
+        cases = [(o, m) for o in ORDERS for m in MODES]
+        lat: dict[str, list[float]] = {o + m: [] for o, m in cases}
+
+        async def mode(m: str) -> None:
+            me.poll = MODES[m]
+            await me.send(stream, ["mode", MODES[m]])
+
+        for o, m in cases:  # warm-up
+            await mode(m)
             for _ in range(100):
                 await runs[o](stream)
         for r in range(ROUNDS):
-            for o in ORDERS if r % 2 == 0 else ORDERS[::-1]:
+            for o, m in cases if r % 2 == 0 else cases[::-1]:
+                await mode(m)
                 for _ in range(pays // ROUNDS):
-                    lat[o].append(await runs[o](stream))
+                    lat[o + m].append(await runs[o](stream))
         await stream.aclose()
         return lat
 
@@ -283,8 +309,13 @@ def main() -> None:
                     p.terminate()
                     p.join(10)
         commits = sqlite_commit_times(tmp, 300)
-    out: dict[str, Any] = {"benchmark": "lockstep_orders", "quick": args.quick, "pays": pays}
-    for o in ORDERS:
+    out: dict[str, Any] = {
+        "benchmark": "lockstep_orders",
+        "quick": args.quick,
+        "pays": pays,
+        "busy_poll": BUSY_POLL,
+    }
+    for o in lat:
         ms = [x * 1000 for x in lat[o]]
         out[f"{o}_p50_ms"] = round(percentile(ms, 50), 3)
         out[f"{o}_p90_ms"] = round(percentile(ms, 90), 3)
