@@ -199,6 +199,14 @@ def client_options() -> dict[str, Any]:
     return {} if value is None else {"busy_poll": float(value)}
 
 
+def busy_poll_seconds() -> float:
+    """The busy polling the children's clients use: the bare baselines poll as long (after
+    each send), so that a lock-step ratio compares like with like."""
+    from channel.limits import BUSY_POLL
+
+    return float(client_options().get("busy_poll", BUSY_POLL))
+
+
 def add_client_options(ap: Any) -> None:
     """``--busy-poll S``: the children's clients poll S seconds after sending (0: off)."""
     ap.add_argument(

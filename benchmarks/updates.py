@@ -57,6 +57,7 @@ from _common import (
     ablations,
     add_client_options,
     apply_client_options,
+    busy_poll_seconds,
     client_options,
     cpu_seconds,
     delta,
@@ -364,12 +365,13 @@ def bare_responder_main(
     import cbor2
     import trio
 
-    from channel import codec
+    from channel import busypoll, codec
     from channel.eip712 import state_digest
     from channel.keys import Signer, recover
     from channel.limits import MAX_DEFERRED
 
     signer = Signer.from_bytes(secret)
+    poll = busy_poll_seconds()  # as the clients do: poll after each send
 
     def countersign(msg: codec.Propose, digest: bytes) -> bytes:
         if recover(digest, msg.signature) != proposer_address:
@@ -411,11 +413,13 @@ def bare_responder_main(
                     # Answer in small bursts so the proposer can refill its window while we
                     # work on the rest: the two processes overlap (the fair floor).
                     await stream.send_all(b"".join(replies))
+                    busypoll.extend(poll)
                     replies = []
             if newest is not None:
                 replies.append(countersign(*newest))
             if replies:
                 await stream.send_all(b"".join(replies))
+                busypoll.extend(poll)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -443,12 +447,13 @@ def bare_proposer_main(
     import cbor2
     import trio
 
-    from channel import codec
+    from channel import busypoll, codec
     from channel.eip712 import state_digest
     from channel.keys import Signer, recover
     from channel.state import Allocation, Params, State
 
     signer = Signer.from_bytes(secret)
+    poll = busy_poll_seconds()  # as the clients do: poll after each send
     params = Params.new(
         chain_id=CHAIN_ID,
         adjudicator=ADJUDICATOR,
@@ -523,6 +528,7 @@ def bare_proposer_main(
                     batch.append(frame)
                 sent += room
                 await stream.send_all(b"".join(batch))
+                busypoll.extend(poll)
         return time.perf_counter() - t0
 
     async def lockstep(stream: trio.SocketStream, n: int) -> list[float]:
@@ -532,6 +538,7 @@ def bare_proposer_main(
             s = time.perf_counter()
             key, frame = next_proposal()
             await stream.send_all(frame)
+            busypoll.extend(poll)
             frames: list[bytes] = []
             while not frames:
                 buf += await stream.receive_some(65536)
