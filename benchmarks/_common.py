@@ -202,9 +202,7 @@ def client_options() -> dict[str, Any]:
 def busy_poll_seconds() -> float:
     """The busy polling the children's clients use: the bare baselines poll as long (after
     each send), so that a lock-step ratio compares like with like."""
-    from channel.limits import BUSY_POLL
-
-    return float(client_options().get("busy_poll", BUSY_POLL))
+    return float(client_options().get("busy_poll", 0.0))
 
 
 def add_client_options(ap: Any) -> None:
@@ -213,18 +211,16 @@ def add_client_options(ap: Any) -> None:
         "--busy-poll",
         type=float,
         metavar="S",
-        help="open_client(busy_poll=S) in the children (default: channel.limits.BUSY_POLL)",
+        help="open_client(busy_poll=S) in the children (default: the client's, off)",
     )
 
 
 def apply_client_options(args: Any) -> float:
     """Pass ``--busy-poll`` on to the spawned children; the value their clients use."""
-    from channel.limits import BUSY_POLL
-
     if args.busy_poll is not None:
         os.environ["OPTICHANNEL_BENCH_BUSY_POLL"] = repr(args.busy_poll)
         return float(args.busy_poll)
-    return BUSY_POLL
+    return 0.0
 
 
 #: What ``OPTICHANNEL_BENCH_ABLATE`` can switch off in the channel benchmark's children.

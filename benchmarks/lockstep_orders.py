@@ -22,11 +22,11 @@ instead of added up.
     in sequence.
 
 Both keep the rule that no signature leaves a process before the state it signs is
-durable there.  Each order runs twice: with busy polling as the client does by default
-(``channel.busypoll``: after each send, the loop polls its socket for ``BUSY_POLL``
-instead of blocking), and blocking (``<order>_blocking_*``, the client with
-``busy_poll=0``).  The orders and modes alternate in rounds in the same pair of processes.  Each
-party checkpoints its WAL inline every 300 rows (a few ms): p99 shows those stalls,
+durable there.  Each order runs twice: blocking, as the client does by default, and with
+busy polling (``<order>_polling_*``, the client with ``busy_poll=BUSY_POLL``; see
+``channel.busypoll``: after each send, the loop polls its socket instead of blocking).
+The orders and modes alternate in rounds in the same pair of processes.  Each party
+checkpoints its WAL inline every 300 rows (a few ms): p99 shows those stalls,
 which the client takes off the commit path; p50 and p90 are the floors.
 """
 
@@ -64,8 +64,8 @@ from channel import busypoll
 from channel.limits import BUSY_POLL
 
 ORDERS = ("proposer_first", "responder_first")
-#: Busy polling after each send (seconds; 0 blocks): the client's default, and off.
-MODES = {"": BUSY_POLL, "_blocking": 0.0}
+#: Busy polling after each send (seconds; 0 blocks): off (the client's default), and on.
+MODES = {"": 0.0, "_polling": BUSY_POLL}
 ROUNDS = 4
 #: Confirms the responder holds back waits at most this long for a commit to join.
 CONFIRM_IDLE_S = 0.001
@@ -313,7 +313,7 @@ def main() -> None:
         "benchmark": "lockstep_orders",
         "quick": args.quick,
         "pays": pays,
-        "busy_poll": BUSY_POLL,
+        "busy_poll_polling": BUSY_POLL,
     }
     for o in lat:
         ms = [x * 1000 for x in lat[o]]

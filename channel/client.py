@@ -56,7 +56,6 @@ from channel.lane import (
     Waiter,
 )
 from channel.limits import (
-    BUSY_POLL,
     MAX_CHANNELS,
     MAX_CHANNELS_PER_PEER,
     PIPELINE_WINDOW,
@@ -103,7 +102,7 @@ class Client(ChannelTable):
         require_funding: bool = False,
         max_channels_per_peer: int = MAX_CHANNELS_PER_PEER,
         max_channels: int = MAX_CHANNELS,
-        busy_poll: float = BUSY_POLL,
+        busy_poll: float = 0.0,
     ) -> None:
         self.signer = signer
         self.store = store
@@ -531,7 +530,7 @@ async def open_client(
     require_funding: bool = False,
     max_channels_per_peer: int = MAX_CHANNELS_PER_PEER,
     max_channels: int = MAX_CHANNELS,
-    busy_poll: float = BUSY_POLL,
+    busy_poll: float = 0.0,
 ) -> AsyncIterator[Client]:
     """Run a client: load (or create) the store, listen on ``host:port`` (``port=None``
     to not listen), reconnect to known peers, and close everything cleanly on exit.
@@ -544,9 +543,10 @@ async def open_client(
     closed) channels with us, or we have that many in all; our own opens are not capped.
 
     ``busy_poll``: seconds the Trio loop keeps polling its sockets, instead of blocking,
-    after the client sent frames (``channel.busypoll``): ~0.2 ms off a lock-step update
-    here, for CPU: the loop uses its core fully while lock-step traffic flows.  ``0``
-    turns it off.
+    after the client sent frames (``channel.busypoll``; off by default, ``BUSY_POLL`` =
+    1 ms suggested): ~0.3 ms off a lock-step update here, for CPU (the loop uses its
+    core fully while lock-step traffic flows).  For a client with a core to itself: on
+    contended cores it stops polling by itself, but costs latency until it does.
 
     An exception that ends the client (from the block, or ``StoreError`` when the store
     stops committing) leaves the ``async with`` as itself; several at once leave as one

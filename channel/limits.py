@@ -8,9 +8,10 @@ MAX_FRAME = 65535
 HANDSHAKE_TIMEOUT = 10.0
 #: Seconds a peer has to answer a proposal before the update is abandoned.
 UPDATE_TIMEOUT = 10.0
-#: Seconds the Trio loop keeps polling its sockets after it sent frames, instead of
-#: blocking at once (``channel.busypoll``): longer than a lock-step answer takes here
-#: (~0.5 ms), short enough that an idle link stops costing CPU at once.
+#: The suggested ``open_client(busy_poll=...)`` for a client with a core to itself: the
+#: seconds the Trio loop keeps polling its sockets after it sent frames instead of
+#: blocking (``channel.busypoll``), longer than a lock-step answer takes here (~0.5 ms),
+#: short enough that an idle link stops costing CPU at once.  Off by default.
 BUSY_POLL = 0.001
 #: Proposals a proposer may have in flight at once on one channel.  Each pipelined
 #: update waits for three fsyncs (ours, the peer's, ours) on top of the round trip; a

@@ -159,3 +159,41 @@ async def test_runnable_counts_the_poller_only_while_it_loops() -> None:
     await trio.sleep(0.08)
     assert busypoll.runnable() == 0
     assert trio.lowlevel.current_statistics().tasks_runnable == 0
+
+
+async def test_contended_cores_stop_polling_for_a_while() -> None:
+    """A sample of polling in which the thread waited for a CPU for CONTENDED of the time
+    or more stops polling for BACKOFF seconds: asked to poll meanwhile, the loop blocks
+    as if polling were off.  Below that share, polling goes on."""
+    p = busypoll._poller()
+    quiet = busypoll.SAMPLE * (busypoll.CONTENDED / 2)
+    p._account(busypoll.SAMPLE, 0.0, quiet)
+    assert p.backoffs == 0
+    busypoll.extend(0.05)
+    await trio.lowlevel.checkpoint()
+    assert _polling()
+    # Several short episodes make one sample; together they waited too long.
+    for _ in range(4):
+        p._account(busypoll.SAMPLE / 4, 1.0, 1.0 + busypoll.SAMPLE / 4 * busypoll.CONTENDED)
+    assert p.backoffs == 1
+    await trio.lowlevel.checkpoint()
+    await trio.lowlevel.checkpoint()
+    assert not _polling()
+    busypoll.extend(0.05)
+    await trio.lowlevel.checkpoint()
+    assert not _polling(), "polled again during the back-off"
+    p.backoff_until = 0.0  # the back-off is over
+    busypoll.extend(0.05)
+    await trio.lowlevel.checkpoint()
+    assert _polling()
+
+
+def test_the_run_queue_wait_is_read_from_the_kernel() -> None:
+    """The contention guard's input on Linux: seconds this thread waited for a CPU, which
+    never decreases."""
+    waited = busypoll._RunQueueWait()
+    first = waited()
+    assert first is not None and first >= 0.0
+    sum(range(200_000))
+    second = waited()
+    assert second is not None and second >= first
