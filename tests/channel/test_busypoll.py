@@ -10,13 +10,12 @@ from pathlib import Path
 
 import trio
 import trio.lowlevel
+from test_client import _open
 
 from channel import busypoll
 from channel.client import open_client
 from channel.keys import Signer
 from channel.state import ETH
-
-ADJ = b"\xad" * 20
 
 
 def _polling() -> bool:
@@ -110,20 +109,14 @@ async def test_while_polling_the_loop_never_blocks_and_a_frame_wakes_its_reader(
 async def test_clients_poll_after_they_send_and_not_at_all_with_busy_poll_zero(
     tmp_path: Path,
 ) -> None:
-    """Two clients in one run share one poller; with ``busy_poll=0`` a pay never starts
-    it, with the default it polls once frames went out, and parks again when idle."""
+    """Two clients in one run share one poller; with ``busy_poll=0`` (the default) a pay
+    never starts it; asked to poll, it polls once frames went out, and parks when idle."""
     alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
     async with (
         open_client(alice_key, tmp_path / "a.sqlite", busy_poll=0) as alice,
         open_client(bob_key, tmp_path / "b.sqlite", busy_poll=0) as bob,
     ):
-        cid = await alice.open_channel(
-            bob.peer_address(),
-            chain_id=1,
-            adjudicator=ADJ,
-            challenge_duration=60,
-            balances=[(ETH, 100, 100)],
-        )
+        cid = await _open(alice, bob, 100)
         for _ in range(3):
             await alice.pay(cid, ETH, 1)
         try:
