@@ -59,6 +59,11 @@ class _RunQueueWait:
         except OSError:
             self._f = None
 
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
     def __call__(self) -> float | None:
         if self._f is None:
             return None
@@ -83,9 +88,15 @@ class _Poller:
         trio.lowlevel.spawn_system_task(self._run, name="optichannel-busy-poll")
 
     async def _run(self) -> None:
+        waited = _RunQueueWait()  # opened here: on the loop's own thread
+        try:
+            await self._loop(waited)
+        finally:
+            waited.close()
+
+    async def _loop(self, waited: _RunQueueWait) -> None:
         clock = time.perf_counter
         checkpoint = trio.lowlevel.checkpoint
-        waited = _RunQueueWait()  # opened here: on the loop's own thread
         while True:
             if self.holds == 0 and clock() < self.deadline:
                 w, start = waited(), clock()
@@ -156,16 +167,24 @@ def extend(seconds: float) -> None:
         p.parked.unpark()
 
 
-def acquire() -> None:
+def acquire() -> _Poller | None:
     """Stop polling until the matching :func:`release` (both on the Trio thread): a job
     was handed to another thread, which needs the GIL that a polling loop keeps taking
-    back from it (up to the interpreter's 5 ms switch interval each time)."""
-    _poller().holds += 1
+    back from it (up to the interpreter's 5 ms switch interval each time).  Returns what
+    to pass to ``release``; with no poller in this run (polling off) there is nothing to
+    hold, and none is started."""
+    try:
+        p = _POLLER.get()
+    except LookupError:
+        return None
+    p.holds += 1
+    return p
 
 
-def release() -> None:
+def release(p: _Poller | None) -> None:
     """End an :func:`acquire`; polling resumes if its deadline is still ahead."""
-    p = _poller()
+    if p is None:
+        return
     p.holds -= 1
     if p.holds == 0 and p.parked and time.perf_counter() < p.deadline:
         p.parked.unpark()
@@ -174,8 +193,8 @@ def release() -> None:
 @contextmanager
 def hold() -> Iterator[None]:
     """No polling while the block runs: wrap a wait for a job on another thread."""
-    acquire()
+    p = acquire()
     try:
         yield
     finally:
-        release()
+        release(p)

@@ -55,12 +55,7 @@ from channel.lane import (
     UpdateFn,
     Waiter,
 )
-from channel.limits import (
-    MAX_CHANNELS,
-    MAX_CHANNELS_PER_PEER,
-    PIPELINE_WINDOW,
-    UPDATE_TIMEOUT,
-)
+from channel.limits import MAX_CHANNELS, MAX_CHANNELS_PER_PEER, PIPELINE_WINDOW, UPDATE_TIMEOUT
 from channel.links import Links
 from channel.machine import (
     ActionCountersign,

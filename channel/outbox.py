@@ -130,7 +130,7 @@ class Committer:
         if self._commits >= CHECKPOINT_EVERY_COMMITS:
             self._commits = 0
             # No busy polling until the checkpoint is done: its thread needs the GIL.
-            busypoll.acquire()
+            held = busypoll.acquire()
             token = trio.lowlevel.current_trio_token()
 
             def job() -> None:
@@ -138,7 +138,7 @@ class Committer:
                     self._checkpoint()
                 finally:
                     with contextlib.suppress(trio.RunFinishedError):  # the run ended
-                        token.run_sync_soon(busypoll.release)
+                        token.run_sync_soon(busypoll.release, held)
 
             self._worker.jobs.put(job)
 

@@ -8,6 +8,7 @@ import resource
 import socket
 from pathlib import Path
 
+import pytest
 import trio
 import trio.lowlevel
 from test_client import _open
@@ -61,7 +62,15 @@ async def test_zero_or_less_never_polls() -> None:
 
 async def test_no_polling_while_a_job_waits_on_another_thread() -> None:
     """The job's thread needs the GIL, which a polling loop keeps taking back; polling
-    resumes when the wait ends, if its deadline is still ahead."""
+    resumes when the wait ends, if its deadline is still ahead.  With no poller in the
+    run (polling off), a hold starts none."""
+    with busypoll.hold():
+        pass
+    assert busypoll.runnable() == 0 and not _polling()
+    with pytest.raises(LookupError):
+        busypoll._POLLER.get()
+    busypoll.extend(0.001)
+    await trio.sleep(0.01)
     with busypoll.hold():
         busypoll.extend(0.05)
         await trio.sleep(0.005)
