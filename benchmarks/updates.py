@@ -768,9 +768,7 @@ def main() -> None:
                 "lockstep_floor_ms": round(r_floor, 3),
                 "ratio_p50_lockstep_vs_floor": round(percentile(r_lat, 50) / r_floor, 3),
                 "lockstep_idle_floor_ms": round(r_idle_floor, 3),
-                "ratio_p50_lockstep_vs_idle_floor": round(
-                    percentile(r_lat, 50) / r_idle_floor, 3
-                ),
+                "ratio_p50_lockstep_vs_idle_floor": round(percentile(r_lat, 50) / r_idle_floor, 3),
             }
         )
 
