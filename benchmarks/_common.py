@@ -12,6 +12,7 @@ import cProfile
 import os
 import pstats
 import resource
+import struct
 import sys
 import threading
 import time
@@ -366,3 +367,23 @@ def probe_commit(db: Any, key: bytes, v: int, *bodies: bytes) -> None:
         db.execute("INSERT INTO s VALUES (?, ?, ?)", (key, v + i, body))
     db.execute("UPDATE c SET latest = ? WHERE k = ?", (v + len(bodies) - 1, key))
     db.execute("COMMIT")
+
+
+#: The bare benchmarks' framing over plain TCP: a 4-byte big-endian length, then the body.
+_LEN = struct.Struct(">I")
+
+
+def length_frame(data: bytes) -> bytes:
+    return _LEN.pack(len(data)) + data
+
+
+def split_frames(buf: bytearray) -> list[bytes]:
+    """The whole frames at the start of ``buf``, removed from it."""
+    out = []
+    while len(buf) >= 4:
+        (n,) = _LEN.unpack_from(buf)
+        if len(buf) < 4 + n:
+            break
+        out.append(bytes(buf[4 : 4 + n]))
+        del buf[: 4 + n]
+    return out

@@ -49,16 +49,17 @@ from _common import (
     ADJUDICATOR,
     BALANCES,
     CHAIN_ID,
+    length_frame,
     log,
     machine_info,
     percentile,
     probe_commit,
     probe_db,
     run_trio,
+    split_frames,
     sqlite_commit_times,
     wait_result,
 )
-from updates import _frame, _frames
 
 from channel import busypoll
 from channel.limits import BUSY_POLL
@@ -88,7 +89,7 @@ class _Party:
     async def send(self, stream: Any, msg: list[Any]) -> None:
         import cbor2
 
-        await stream.send_all(_frame(cbor2.dumps(msg)))
+        await stream.send_all(length_frame(cbor2.dumps(msg)))
         busypoll.extend(self.poll)
 
     def commit(self, *bodies: bytes) -> None:
@@ -110,7 +111,7 @@ class _Party:
             if not data:
                 return None
             self.buf += data
-            self.frames = _frames(self.buf)
+            self.frames = split_frames(self.buf)
         msg: list[Any] = cbor2.loads(self.frames.pop(0))
         return msg
 
@@ -173,7 +174,13 @@ def responder_main(secret: bytes, proposer: bytes, path: str, parent: Any) -> No
 
 
 def proposer_main(
-    secret: bytes, responder: bytes, path: str, port: int, pays: int, parent: Any
+    secret: bytes,
+    responder: bytes,
+    path: str,
+    port: int,
+    pays: int,
+    cases: list[tuple[str, str]],
+    parent: Any,
 ) -> None:
     import cbor2
     import trio
@@ -243,9 +250,8 @@ def proposer_main(
 
     async def main() -> dict[str, list[float]]:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(_frame(cbor2.dumps(["params", codec.params_to_wire(params)])))
+        await stream.send_all(length_frame(cbor2.dumps(["params", codec.params_to_wire(params)])))
         runs = {"proposer_first": proposer_first, "responder_first": responder_first}
-        cases = [(o, m) for o in ORDERS for m in MODES]
         lat: dict[str, list[float]] = {o + m: [] for o, m in cases}
 
         async def mode(m: str) -> None:
@@ -267,47 +273,61 @@ def proposer_main(
     parent.send(run_trio(main))
 
 
+def measure(
+    directory: str, pays: int, cases: list[tuple[str, str]] | None = None
+) -> dict[str, list[float]]:
+    """Latencies (s) of ``pays`` lock-step updates for each ``(order, mode)`` case (all
+    of ``ORDERS`` x ``MODES`` by default), keyed ``order + mode``, from a fresh pair of
+    processes whose stores live in ``directory``."""
+    from channel.keys import Signer
+
+    cases = cases or [(o, m) for o in ORDERS for m in MODES]
+    ctx = mp.get_context("spawn")
+    a, b = Signer.generate(), Signer.generate()
+    tag = time.monotonic_ns()
+    r_parent, r_child = ctx.Pipe()
+    p_parent, p_child = ctx.Pipe()
+    resp = ctx.Process(
+        target=responder_main,
+        args=(b.secret_bytes(), a.address, os.path.join(directory, f"r{tag}.sqlite"), r_child),
+    )
+    resp.start()
+    prop: Any = None
+    try:
+        port = wait_result(r_parent, resp, 30, "responder")
+        prop = ctx.Process(
+            target=proposer_main,
+            args=(
+                a.secret_bytes(),
+                b.address,
+                os.path.join(directory, f"p{tag}.sqlite"),
+                port,
+                pays,
+                cases,
+                p_child,
+            ),
+        )
+        prop.start()
+        lat: dict[str, list[float]] = wait_result(p_parent, prop, 600, "proposer")
+        return lat
+    finally:
+        for p in (prop, resp):
+            if p is not None and p.is_alive():
+                p.terminate()
+                p.join(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller run (< 60 s)")
     ap.add_argument("--pays", type=int, help="lock-step updates per order (default 4000)")
     args = ap.parse_args()
     pays = args.pays or (1000 if args.quick else 4000)
-    from channel.keys import Signer
 
     t0 = time.perf_counter()
-    ctx = mp.get_context("spawn")
-    a, b = Signer.generate(), Signer.generate()
     with tempfile.TemporaryDirectory(prefix="optichannel-orders-") as tmp:
         log(f"lock-step, {pays} updates per order, in {ROUNDS} alternating rounds")
-        r_parent, r_child = ctx.Pipe()
-        p_parent, p_child = ctx.Pipe()
-        resp = ctx.Process(
-            target=responder_main,
-            args=(b.secret_bytes(), a.address, os.path.join(tmp, "r.sqlite"), r_child),
-        )
-        resp.start()
-        prop: Any = None
-        try:
-            port = wait_result(r_parent, resp, 30, "responder")
-            prop = ctx.Process(
-                target=proposer_main,
-                args=(
-                    a.secret_bytes(),
-                    b.address,
-                    os.path.join(tmp, "p.sqlite"),
-                    port,
-                    pays,
-                    p_child,
-                ),
-            )
-            prop.start()
-            lat = wait_result(p_parent, prop, 600, "proposer")
-        finally:
-            for p in (prop, resp):
-                if p is not None and p.is_alive():
-                    p.terminate()
-                    p.join(10)
+        lat = measure(tmp, pays)
         commits = sqlite_commit_times(tmp, 300)
     out: dict[str, Any] = {
         "benchmark": "lockstep_orders",

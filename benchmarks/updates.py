@@ -21,8 +21,11 @@ critical path.  ``sqlite_growing_commit_ms`` is the same commit on a fresh WAL t
 grows: about twice as slow, and paid by a store only until its first checkpoint.
 ``lockstep_idle_floor_ms`` is the same sum with ``sqlite_idle_commit_ms``: the commit
 timed after an idle gap (``_common.IDLE_GAP_S``), as each commit of a lock-step update
-is.  Those are slower than back-to-back ones on these VMs, so this is the tighter floor
-(``benchmarks/lockstep_orders.py`` measures the whole order end to end instead).
+is.  Those are slower than back-to-back ones on these VMs, so this is the tighter floor.
+``lockstep_e2e_floor_ms`` is measured, not added up: in each round, a fresh pair of
+processes runs ``lockstep_orders.py``'s ``proposer_first`` (DESIGN §4's order with real
+commits and signatures over plain TCP, no client code: no encryption, machine, store
+plan or outbox); ``ratio_p50_lockstep_vs_e2e_floor`` is what the client costs on top.
 
 In the same run, a bare baseline: two processes doing only the co-signing over
 plain Trio TCP with 4-byte length-prefixed frames -- the same two-asset state,
@@ -40,7 +43,6 @@ import argparse
 import json
 import multiprocessing as mp
 import statistics
-import struct
 import sys
 import tempfile
 import time
@@ -67,15 +69,18 @@ from _common import (
     delta,
     finish_pair,
     install_ablations,
+    length_frame,
     log,
     machine_info,
     percentile,
     run_trio,
+    split_frames,
     sqlite_commit_times,
     sqlite_growing_commit_times,
     sqlite_idle_commit_times,
     wait_result,
 )
+from lockstep_orders import measure as measure_orders
 
 ETH = BALANCES[0][0]
 WINDOW = 256  # channel.limits.PIPELINE_WINDOW; --window overrides it for experiments
@@ -89,6 +94,9 @@ COMMIT_PROBES = 300
 GROWING_PROBES = 100
 #: And each after an idle gap, as in lock-step (the idle floor's commit latency).
 IDLE_PROBES = 200
+#: Lock-step updates of the end-to-end floor in each round (``lockstep_orders.py``'s
+#: ``proposer_first``: DESIGN §4's order with no client code), after its own warm-up.
+E2E_FLOOR_PAYS = 400
 WARMUP = 300
 
 
@@ -338,28 +346,10 @@ class ChannelPair:
 # --------------------------------------------------------------------------------------
 # the bare baseline: sign/verify + codec over plain TCP, no store, no encryption
 
-_LEN = struct.Struct(">I")
-
-
-def _frames(buf: bytearray) -> list[bytes]:
-    out = []
-    while len(buf) >= 4:
-        (n,) = _LEN.unpack_from(buf)
-        if len(buf) < 4 + n:
-            break
-        out.append(bytes(buf[4 : 4 + n]))
-        del buf[: 4 + n]
-    return out
-
-
 #: The bare baseline answers and refills in bursts of this many frames, so that its two
 #: processes work at the same time (without it they take turns and the baseline
 #: understates what two processes can do).
 BARE_BURST = 4
-
-
-def _frame(data: bytes) -> bytes:
-    return _LEN.pack(len(data)) + data
 
 
 def bare_responder_main(
@@ -388,7 +378,7 @@ def bare_responder_main(
             version=msg.state.version,
             signature=signer.sign(digest),
         )
-        return _frame(codec.encode(acc))
+        return length_frame(codec.encode(acc))
 
     async def handle(stream: trio.SocketStream) -> None:
         buf = bytearray()
@@ -401,7 +391,7 @@ def bare_responder_main(
             replies = []
             newest: tuple[codec.Propose, bytes] | None = None
             held = 0
-            for frame in _frames(buf):
+            for frame in split_frames(buf):
                 if params is None:
                     params = codec.params_from_wire(cbor2.loads(frame))
                     continue
@@ -483,7 +473,7 @@ def bare_proposer_main(
         st = State(channel_id=params.channel_id, version=version, allocations=allocs)
         digest = state_digest(params, st)
         msg = codec.Propose(base_version=version - 1, state=st, signature=signer.sign(digest))
-        return (version, digest), _frame(codec.encode(msg))
+        return (version, digest), length_frame(codec.encode(msg))
 
     def check_accept(frame: bytes, pending: deque[tuple[int, bytes]]) -> int:
         """Check an Accept against the pending proposals; pop and count what it accepts."""
@@ -511,7 +501,7 @@ def bare_proposer_main(
                 if not data:
                     raise RuntimeError("responder closed")
                 buf += data
-                for i, frame in enumerate(_frames(buf), 1):
+                for i, frame in enumerate(split_frames(buf), 1):
                     done += check_accept(frame, pending)
                     if i % BARE_BURST == 0:
                         space.set()
@@ -549,14 +539,16 @@ def bare_proposer_main(
             frames: list[bytes] = []
             while not frames:
                 buf += await stream.receive_some(65536)
-                frames = _frames(buf)
+                frames = split_frames(buf)
             check_accept(frames[0], deque([key]))
             lat.append(time.perf_counter() - s)
         return lat
 
     async def main() -> dict[str, Any]:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(_frame(cbor2.dumps(codec.params_to_wire(params), canonical=True)))
+        await stream.send_all(
+            length_frame(cbor2.dumps(codec.params_to_wire(params), canonical=True))
+        )
         await pipelined(stream, WARMUP)
         ctl.send("snap")
         r0, p0 = ctl.recv(), cpu_seconds()
@@ -648,6 +640,8 @@ def main() -> None:
     rounds = max(1, args.rounds)
     n_pipe = -(-(args.pipelined or (6000 if args.quick else 21000)) // rounds)
     n_lock = -(-(args.lockstep or (900 if args.quick else 2100)) // rounds)
+    e2e_pays = E2E_FLOOR_PAYS // 2 if args.quick else E2E_FLOOR_PAYS
+    e2e_mode = "_polling" if busy_poll else ""  # lockstep_orders polls for BUSY_POLL
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     bare_window = args.bare_window or args.window
@@ -665,11 +659,13 @@ def main() -> None:
             commits = sqlite_commit_times(tmp, COMMIT_PROBES)
             growing = sqlite_growing_commit_times(tmp, GROWING_PROBES)
             idle = sqlite_idle_commit_times(tmp, IDLE_PROBES)
+            e2e = measure_orders(tmp, e2e_pays, [("proposer_first", e2e_mode)])
             log(
                 f"  round {r + 1}: bare {bare_n / bare['pipelined_s']:,.0f}/s, "
                 f"cumulative {bare_n / cum['pipelined_s']:,.0f}/s, "
                 f"SQLite commit p50 {percentile(commits, 50):.3f} ms, "
-                f"after idle {percentile(idle, 50):.3f} ms"
+                f"after idle {percentile(idle, 50):.3f} ms, "
+                f"end-to-end floor {percentile(e2e['proposer_first' + e2e_mode], 50) * 1e3:.3f} ms"
             )
             return {
                 "bare": bare,
@@ -677,6 +673,7 @@ def main() -> None:
                 "commits": commits,
                 "growing": growing,
                 "idle": idle,
+                "e2e": e2e["proposer_first" + e2e_mode],
             }
 
         def channel(r: int) -> dict[str, Any]:
@@ -726,6 +723,7 @@ def main() -> None:
     commit_ms = [t for x in per_round for t in x["commits"]]
     growing_ms = [t for x in per_round for t in x["growing"]]
     idle_ms = [t for x in per_round for t in x["idle"]]
+    e2e_ms = [t * 1000 for x in per_round for t in x["e2e"]]
 
     # A durable lock-step update has three commits on its critical path (the proposer's
     # proposal, the responder's countersigned state, the proposer's completion), so it
@@ -746,6 +744,7 @@ def main() -> None:
         r_lat = [t * 1000 for t in x["lock"]["latencies"]]
         r_floor = floor([t * 1000 for t in x["bare"]["lockstep"]], x["commits"])
         r_idle_floor = floor([t * 1000 for t in x["bare"]["lockstep"]], x["idle"])
+        r_e2e = percentile([t * 1000 for t in x["e2e"]], 50)
         rounds_out.append(
             {
                 "updates_per_s_pipelined": round(ch_rate, 1),
@@ -768,6 +767,8 @@ def main() -> None:
                 "lockstep_floor_ms": round(r_floor, 3),
                 "ratio_p50_lockstep_vs_floor": round(percentile(r_lat, 50) / r_floor, 3),
                 "lockstep_idle_floor_ms": round(r_idle_floor, 3),
+                "lockstep_e2e_floor_ms": round(r_e2e, 3),
+                "ratio_p50_lockstep_vs_e2e_floor": round(percentile(r_lat, 50) / r_e2e, 3),
                 "ratio_p50_lockstep_vs_idle_floor": round(percentile(r_lat, 50) / r_idle_floor, 3),
             }
         )
@@ -816,6 +817,8 @@ def main() -> None:
         "ratio_p50_lockstep_vs_floor": median_of("ratio_p50_lockstep_vs_floor"),
         "lockstep_idle_floor_ms": round(floor(bare_lat_ms, idle_ms), 3),
         "ratio_p50_lockstep_vs_idle_floor": median_of("ratio_p50_lockstep_vs_idle_floor"),
+        "lockstep_e2e_floor_ms": round(percentile(e2e_ms, 50), 3),
+        "ratio_p50_lockstep_vs_e2e_floor": median_of("ratio_p50_lockstep_vs_e2e_floor"),
         "per_round": rounds_out,
         "bare_cpu_ms_per_update_pipelined": {
             who: round(bare_cpu[who] * 1000 / (rounds * bare_n), 4)
