@@ -57,7 +57,18 @@ def machine_info() -> dict[str, Any]:
         # These machines are shared VMs whose speed drifts by half or more over an hour:
         # a sign here took 27 us when DESIGN §8 was measured; scale by this to compare.
         "sign_us_at_end": sign_us(),
+        # How long an idle vCPU of a KVM guest polls before it halts (cpuidle-haltpoll);
+        # None where there is no such knob.  It moves the lock-step figures (README).
+        "guest_halt_poll_ns": _read_int("/sys/module/haltpoll/parameters/guest_halt_poll_ns"),
     }
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def sign_us(rounds: int = 5, signs: int = 200) -> float:

@@ -27,7 +27,8 @@ busy polling (``<order>_polling_*``, the client with ``busy_poll=BUSY_POLL``; se
 ``channel.busypoll``: after each send, the loop polls its socket instead of blocking).
 The orders and modes alternate in rounds in the same pair of processes.  Each party
 checkpoints its WAL inline every 300 rows (a few ms): p99 shows those stalls,
-which the client takes off the commit path; p50 and p90 are the floors.
+which the client takes off the commit path; p50 and p90 are the floors.  ``<case>_cpu_us``
+is each party's CPU (user + system) per update in that case, its waiting included.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,6 +50,7 @@ from _common import (
     ADJUDICATOR,
     BALANCES,
     CHAIN_ID,
+    cpu_seconds,
     length_frame,
     log,
     machine_info,
@@ -125,15 +127,18 @@ def responder_main(secret: bytes, proposer: bytes, path: str, parent: Any) -> No
     from channel.keys import recover
 
     me = _Party(secret, path)
+    cpu: dict[str, float] = {}  # CPU seconds spent during each case's measured updates
 
     async def handle(stream: trio.SocketStream) -> None:
         params = None
+        case, since = "", 0.0
         held: list[bytes] = []  # confirmed states waiting to join a commit
         digests: dict[int, tuple[bytes, bytes]] = {}
         while True:
             msg = await me.receive(stream, CONFIRM_IDLE_S if held else None)
             if msg is None:
                 if not held:
+                    parent.send(cpu)
                     return
                 me.commit(*held)
                 held = []
@@ -143,7 +148,9 @@ def responder_main(secret: bytes, proposer: bytes, path: str, parent: Any) -> No
                 params = codec.params_from_wire(msg[1])
                 continue
             if kind == "mode":
-                me.poll = msg[1]
+                if case:
+                    cpu[case] = cpu.get(case, 0.0) + cpu_seconds() - since
+                me.poll, case, since = msg[1], msg[2], cpu_seconds()
                 continue
             assert params is not None
             if kind == "P":
@@ -248,37 +255,49 @@ def proposer_main(
         await me.send(stream, ["C", state.version, sig])
         return done
 
-    async def main() -> dict[str, list[float]]:
+    async def main() -> tuple[dict[str, list[float]], dict[str, float]]:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(length_frame(cbor2.dumps(["params", codec.params_to_wire(params)])))
         runs = {"proposer_first": proposer_first, "responder_first": responder_first}
         lat: dict[str, list[float]] = {o + m: [] for o, m in cases}
+        cpu: dict[str, float] = {o + m: 0.0 for o, m in cases}
 
-        async def mode(m: str) -> None:
+        async def mode(m: str, case: str) -> None:
+            """Switch to mode ``m``; the responder counts its CPU towards ``case`` (a
+            measured case, or "" for the warm-up and the end)."""
             me.poll = MODES[m]
-            await me.send(stream, ["mode", MODES[m]])
+            await me.send(stream, ["mode", MODES[m], case])
 
         for o, m in cases:  # warm-up
-            await mode(m)
+            await mode(m, "")
             for _ in range(100):
                 await runs[o](stream)
         for r in range(ROUNDS):
             for o, m in cases if r % 2 == 0 else cases[::-1]:
-                await mode(m)
+                await mode(m, o + m)
+                c0 = cpu_seconds()
                 for _ in range(pays // ROUNDS):
                     lat[o + m].append(await runs[o](stream))
+                cpu[o + m] += cpu_seconds() - c0
+        await mode("", "")
         await stream.aclose()
-        return lat
+        return lat, cpu
 
     parent.send(run_trio(main))
 
 
-def measure(
-    directory: str, pays: int, cases: list[tuple[str, str]] | None = None
-) -> dict[str, list[float]]:
-    """Latencies (s) of ``pays`` lock-step updates for each ``(order, mode)`` case (all
-    of ``ORDERS`` x ``MODES`` by default), keyed ``order + mode``, from a fresh pair of
-    processes whose stores live in ``directory``."""
+class Measured(NamedTuple):
+    """Per case (``order + mode``): each update's latency (s), and the CPU seconds
+    (user + system, waiting included) per update of each party over those updates."""
+
+    latencies: dict[str, list[float]]
+    cpu_per_update: dict[str, dict[str, float]]
+
+
+def measure(directory: str, pays: int, cases: list[tuple[str, str]] | None = None) -> Measured:
+    """Measure ``pays`` lock-step updates for each ``(order, mode)`` case (all of
+    ``ORDERS`` x ``MODES`` by default) in a fresh pair of processes whose stores live
+    in ``directory``."""
     from channel.keys import Signer
 
     cases = cases or [(o, m) for o in ORDERS for m in MODES]
@@ -308,8 +327,15 @@ def measure(
             ),
         )
         prop.start()
-        lat: dict[str, list[float]] = wait_result(p_parent, prop, 600, "proposer")
-        return lat
+        lat, cpu = wait_result(p_parent, prop, 600, "proposer")
+        theirs = wait_result(r_parent, resp, 30, "responder")
+        return Measured(
+            lat,
+            {
+                case: {"proposer": cpu[case] / len(v), "responder": theirs[case] / len(v)}
+                for case, v in lat.items()
+            },
+        )
     finally:
         for p in (prop, resp):
             if p is not None and p.is_alive():
@@ -327,7 +353,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="optichannel-orders-") as tmp:
         log(f"lock-step, {pays} updates per order, in {ROUNDS} alternating rounds")
-        lat = measure(tmp, pays)
+        lat, cpu = measure(tmp, pays)
         commits = sqlite_commit_times(tmp, 300)
     out: dict[str, Any] = {
         "benchmark": "lockstep_orders",
@@ -340,6 +366,7 @@ def main() -> None:
         out[f"{o}_p50_ms"] = round(percentile(ms, 50), 3)
         out[f"{o}_p90_ms"] = round(percentile(ms, 90), 3)
         out[f"{o}_p99_ms"] = round(percentile(ms, 99), 3)
+        out[f"{o}_cpu_us"] = {who: round(x * 1e6, 1) for who, x in cpu[o].items()}
         log(f"  {o}: p50 {out[f'{o}_p50_ms']} ms, p90 {out[f'{o}_p90_ms']} ms")
     out["sqlite_commit_ms"] = round(percentile(commits, 50), 3)
     out["seconds_total"] = round(time.perf_counter() - t0, 1)

@@ -11,7 +11,14 @@ of each received frame.  The stamps of both processes are merged in time order a
 cut into pays; the JSON gives, for every pair of consecutive stamps seen in most
 pays, the median and p99 in microseconds, plus the median and p99 of a whole pay.
 The wrappers cost a few microseconds per hop: read the hops, not the total, from here
-(``updates.py`` gives the lock-step latency).
+(``updates.py`` gives the lock-step latency).  Each stamp also records the CPU time of
+the thread that made it (``time.thread_time_ns``, user and system), so a hop between two
+stamps of one party has a ``cpu_p50_us`` too: equal to its wall time where that party
+computes, less where it waits (an fsync, the peer), and what waiting itself costs (the
+scheduler, the wake-up) where it does.  ``waits`` gives the same for each party's hops
+over the other's stamps (it waited meanwhile: how long, and what the waiting cost its
+CPU), and ``cpu_us_per_pay`` the median CPU of each party's thread from its first stamp
+in a pay to its last.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ from _common import (
 ETH = BALANCES[0][0]
 WARMUP = 300
 
-Stamps = list[tuple[str, int]]
+#: (tag, time.perf_counter_ns(), time.thread_time_ns() of the stamping thread)
+Stamps = list[tuple[str, int, int]]
 
 
 def install_stamps(who: str, stamps: Stamps) -> None:
@@ -59,7 +67,7 @@ def install_stamps(who: str, stamps: Stamps) -> None:
     from channel import client, inbound, outbox, store, transport
 
     def mark(tag: str) -> None:
-        stamps.append((f"{who}.{tag}", time.perf_counter_ns()))
+        stamps.append((f"{who}.{tag}", time.perf_counter_ns(), time.thread_time_ns()))
 
     def wrap(cls: type, name: str, tag: str) -> None:
         fn = getattr(cls, name)
@@ -166,21 +174,36 @@ def analyse(a: Stamps, b: Stamps) -> dict[str, Any]:
     events = sorted(a + b, key=lambda e: e[1])
     pays: list[Stamps] = []
     current: Stamps | None = None
-    for tag, t in events:
+    for tag, t, used in events:
         if tag == "A.pay>":
-            current = [(tag, t)]
+            current = [(tag, t, used)]
             pays.append(current)
         elif current is not None:
-            current.append((tag, t))
+            current.append((tag, t, used))
             if tag == "A.pay<":
                 current = None
     pays = [p for p in pays if p[-1][0] == "A.pay<"]
     hops: dict[str, list[float]] = defaultdict(list)
+    cpu: dict[str, list[float]] = defaultdict(list)  # hops within one party only
+    # A party's hops over the other's stamps: it waited meanwhile (wall, CPU).
+    waits: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    per_pay_cpu: dict[str, list[float]] = {"A": [], "B": []}
     totals = []
     for p in pays:
         totals.append((p[-1][1] - p[0][1]) / 1e3)
-        for (t1, s1), (t2, s2) in itertools.pairwise(p):
+        for (t1, s1, c1), (t2, s2, c2) in itertools.pairwise(p):
             hops[f"{t1} -> {t2}"].append((s2 - s1) / 1e3)
+            if t1[0] == t2[0]:
+                cpu[f"{t1} -> {t2}"].append((c2 - c1) / 1e3)
+        for who in "AB":
+            own = [(i, e) for i, e in enumerate(p) if e[0][0] == who]
+            if own:
+                per_pay_cpu[who].append((own[-1][1][2] - own[0][1][2]) / 1e3)
+            for (i1, (t1, s1, c1)), (i2, (t2, s2, c2)) in itertools.pairwise(own):
+                if i2 > i1 + 1:
+                    w = waits[f"{t1} -> {t2}"]
+                    w[0].append((s2 - s1) / 1e3)
+                    w[1].append((c2 - c1) / 1e3)
     common = {k: v for k, v in hops.items() if len(v) >= len(pays) // 2}
     ordered = sorted(common.items(), key=lambda kv: -percentile(kv[1], 50) * len(kv[1]))
     return {
@@ -188,11 +211,22 @@ def analyse(a: Stamps, b: Stamps) -> dict[str, Any]:
         "p50_us_pay": round(percentile(totals, 50), 1),
         "p99_us_pay": round(percentile(totals, 99), 1),
         "tail": _tail(pays, totals, hops),
+        "cpu_us_per_pay": {who: round(percentile(v, 50), 1) for who, v in per_pay_cpu.items() if v},
+        "waits": {
+            k: {
+                "seen_in": len(w),
+                "p50_us": round(percentile(w, 50), 1),
+                "cpu_p50_us": round(percentile(c, 50), 1),
+            }
+            for k, (w, c) in waits.items()
+            if len(w) >= len(pays) // 2
+        },
         "hops": {
             k: {
                 "seen_in": len(v),
                 "p50_us": round(percentile(v, 50), 1),
                 "p99_us": round(percentile(v, 99), 1),
+                **({"cpu_p50_us": round(percentile(cpu[k], 50), 1)} if k in cpu else {}),
             }
             for k, v in ordered
         },
@@ -208,7 +242,7 @@ def _tail(pays: list[Stamps], totals: list[float], hops: dict[str, list[float]])
     slow_in: dict[str, int] = defaultdict(int)
     slow = [p for p, total in zip(pays, totals, strict=True) if total >= cut]
     for p in slow:
-        for (t1, s1), (t2, s2) in itertools.pairwise(p):
+        for (t1, s1, _), (t2, s2, _) in itertools.pairwise(p):
             k = f"{t1} -> {t2}"
             extra = (s2 - s1) / 1e3 - medians[k]
             if extra > 100:

@@ -660,7 +660,8 @@ def main() -> None:
             commits = sqlite_commit_times(tmp, COMMIT_PROBES)
             growing = sqlite_growing_commit_times(tmp, GROWING_PROBES)
             idle = sqlite_idle_commit_times(tmp, IDLE_PROBES)
-            e2e = measure_orders(tmp, e2e_pays, [e2e_case])["".join(e2e_case)]
+            floor_run = measure_orders(tmp, e2e_pays, [e2e_case])
+            e2e = floor_run.latencies["".join(e2e_case)]
             log(
                 f"  round {r + 1}: bare {bare_n / bare['pipelined_s']:,.0f}/s, "
                 f"cumulative {bare_n / cum['pipelined_s']:,.0f}/s, "
@@ -675,6 +676,7 @@ def main() -> None:
                 "growing": growing,
                 "idle": idle,
                 "e2e": e2e,
+                "e2e_cpu": floor_run.cpu_per_update["".join(e2e_case)],
             }
 
         def channel(r: int) -> dict[str, Any]:
@@ -738,6 +740,11 @@ def main() -> None:
     def share(phase: dict[str, Any], who: str, key: str) -> float:
         return float(phase[who][key]) / float(phase["seconds"])
 
+    def cpu_us(phase: dict[str, Any], who: str) -> float:
+        """CPU (user + system, all threads) of ``who`` per update of ``phase``, in us."""
+        d = phase[who]
+        return float(d["cpu_user_s"] + d["cpu_sys_s"]) * 1e6 / int(phase["updates"])
+
     rounds_out = []
     for x in per_round:
         ch_rate = x["pipe"]["updates"] / x["pipe"]["seconds"]
@@ -746,6 +753,8 @@ def main() -> None:
         r_floor = floor([t * 1000 for t in x["bare"]["lockstep"]], x["commits"])
         r_idle_floor = floor([t * 1000 for t in x["bare"]["lockstep"]], x["idle"])
         r_e2e = percentile([t * 1000 for t in x["e2e"]], 50)
+        r_cpu = {who: cpu_us(x["lock"], who) for who in ("alice", "bob")}
+        r_floor_cpu = {who: v * 1e6 for who, v in x["e2e_cpu"].items()}
         rounds_out.append(
             {
                 "updates_per_s_pipelined": round(ch_rate, 1),
@@ -771,6 +780,11 @@ def main() -> None:
                 "lockstep_e2e_floor_ms": round(r_e2e, 3),
                 "ratio_p50_lockstep_vs_e2e_floor": round(percentile(r_lat, 50) / r_e2e, 3),
                 "ratio_p50_lockstep_vs_idle_floor": round(percentile(r_lat, 50) / r_idle_floor, 3),
+                "cpu_us_per_update_lockstep": {k: round(v, 1) for k, v in r_cpu.items()},
+                "lockstep_e2e_floor_cpu_us": {k: round(v, 1) for k, v in r_floor_cpu.items()},
+                "ratio_cpu_lockstep_vs_e2e_floor": round(
+                    sum(r_cpu.values()) / sum(r_floor_cpu.values()), 3
+                ),
             }
         )
 
@@ -820,6 +834,14 @@ def main() -> None:
         "ratio_p50_lockstep_vs_idle_floor": median_of("ratio_p50_lockstep_vs_idle_floor"),
         "lockstep_e2e_floor_ms": round(percentile(e2e_ms, 50), 3),
         "ratio_p50_lockstep_vs_e2e_floor": median_of("ratio_p50_lockstep_vs_e2e_floor"),
+        "cpu_us_per_update_lockstep": {
+            who: round(cpu_us(lock, who), 1) for who in ("alice", "bob")
+        },
+        "lockstep_e2e_floor_cpu_us": {
+            who: round(statistics.mean(x["e2e_cpu"][who] for x in per_round) * 1e6, 1)
+            for who in ("proposer", "responder")
+        },
+        "ratio_cpu_lockstep_vs_e2e_floor": median_of("ratio_cpu_lockstep_vs_e2e_floor"),
         "per_round": rounds_out,
         "bare_cpu_ms_per_update_pipelined": {
             who: round(bare_cpu[who] * 1000 / (rounds * bare_n), 4)
