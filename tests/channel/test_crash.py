@@ -87,6 +87,12 @@ SURVIVOR_SECRET = bytes.fromhex("22" * 31 + "02")
 #: Kills that must land while pipelined updates flow, in each pipelined case.
 MIN_MID_STREAM_KILLS = 20
 
+#: Kills that every plan places 100-300 ms into a stream of pays, so that enough updates
+#: flow between the kills whatever else the random plan holds.  A lock-step plan may
+#: otherwise draw only short streams: about one seed in 30 let fewer than 50 updates through
+#: (one lock-step update takes ~3 ms under the test).
+MIN_LONG_STREAMS = 3
+
 STATUS_NAMES = {IN_FLIGHT: "in_flight", COSIGNED: "cosigned", BURNED: "burned"}
 
 
@@ -297,10 +303,12 @@ def _plan(rng: random.Random, kills: int, mid_stream: int) -> list[tuple[str, fl
     the survivor (right after reconnect); 'up': after the victim process reports that
     its client runs (dialling, handshake, resync); 'stream': after both sides start
     paying.  At least ``mid_stream`` of the kills are 'stream' kills late enough (20 ms
-    or more) for the updates to be flowing, and then two are 'sync' kills; the others
-    fall where they may."""
+    or more) for the updates to be flowing, and then two are 'sync' kills; when
+    ``mid_stream`` is below ``MIN_LONG_STREAMS``, 'stream' kills 100 ms or more into the
+    stream make up the difference; the others fall where they may."""
     plan = [("open", rng.uniform(0, 0.002)), ("up", rng.uniform(0, 0.004))]
     late = [("stream", rng.uniform(0.02, 0.3)) for _ in range(mid_stream)]
+    late += [("stream", rng.uniform(0.1, 0.3)) for _ in range(MIN_LONG_STREAMS - mid_stream)]
     if mid_stream:  # and a few kills during resync, which the late ones crowd out
         late += [("sync", rng.uniform(0, 0.005)) for _ in range(2)]
     rest: list[tuple[str, float]] = []
@@ -317,6 +325,19 @@ def _plan(rng: random.Random, kills: int, mid_stream: int) -> list[tuple[str, fl
     tail = late + rest
     rng.shuffle(tail)
     return plan + tail
+
+
+@pytest.mark.parametrize(("kills", "mid_stream"), [(30, 23), (28, 23), (20, 0), (10, 0)])
+def test_every_kill_plan_lets_updates_flow(kills: int, mid_stream: int) -> None:
+    """Whatever the seed, a plan has its number of kills, starts with the 'open' and 'up'
+    kills, and holds at least MIN_LONG_STREAMS kills 100 ms or more into a stream of pays
+    (or ``mid_stream`` late ones), so the test's bar on updates is never up to luck."""
+    for seed in range(2000):
+        plan = _plan(random.Random(seed), kills, mid_stream)
+        assert len(plan) == kills
+        assert [p for p, _ in plan[:2]] == ["open", "up"]
+        late = [d for p, d in plan if p == "stream" and d >= (0.02 if mid_stream else 0.1)]
+        assert len(late) >= max(mid_stream, MIN_LONG_STREAMS)
 
 
 def _opens(role: str) -> Callable[[codec.Message], bool]:
