@@ -37,6 +37,25 @@ PROTOCOL_VERSION = 1
 MAX_REASON = 256
 MAX_PENDING_IN_SYNC = 256
 
+#: CBOR tags that cbor2 would decode into Python objects (``datetime``, ``Decimal``,
+#: ``re.Pattern``, ``UUID``, sets, shared references, ...).  The protocol uses none of
+#: them: only tag 2, the unsigned bignum a uint256 above 2**64 is encoded as.  They are
+#: refused before cbor2 builds the object, because building some of them costs a peer
+#: nothing and us a lot: a 58 KB regular expression (tag 35) kept ``re.compile`` busy
+#: for a minute on the Trio thread.  Any other tag decodes to an inert ``CBORTag``,
+#: which no field decoder accepts.  ``tests/channel/test_codec.py`` probes cbor2 for its
+#: built-in tags, so a cbor2 upgrade that adds one fails there.
+REFUSED_TAGS = frozenset(
+    {0, 1, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004, 43000, 55799}
+)
+
+
+def _refuse_tag(*_: object) -> None:
+    raise DecodeError("a CBOR tag that is not part of the protocol")
+
+
+_SEMANTIC_DECODERS = {tag: _refuse_tag for tag in REFUSED_TAGS}
+
 
 # ---------------------------------------------------------------------------
 # field decoders: each takes a CBOR value and returns the typed value or raises
@@ -332,7 +351,7 @@ def decode(frame: bytes) -> Message:
     if len(frame) > MAX_FRAME:
         raise OversizeError(f"frame of {len(frame)} bytes exceeds the {MAX_FRAME}-byte limit")
     try:
-        value = cbor2.loads(frame)
+        value = cbor2.loads(frame, semantic_decoders=_SEMANTIC_DECODERS)
     except Exception as exc:  # cbor2 raises several types for malformed input
         raise DecodeError(f"malformed CBOR: {exc}") from None
     try:
@@ -342,7 +361,7 @@ def decode(frame: bytes) -> Message:
     if canonical != frame:
         # Slow path, only for bad input: tell trailing bytes from a non-canonical encoding.
         buf = io.BytesIO(frame)
-        cbor2.CBORDecoder(buf).decode()
+        cbor2.CBORDecoder(buf, semantic_decoders=_SEMANTIC_DECODERS).decode()
         if buf.tell() != len(frame):
             raise DecodeError(f"{len(frame) - buf.tell()} trailing bytes after the message")
         raise DecodeError("message is not in canonical CBOR form")

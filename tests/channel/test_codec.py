@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import cbor2
 import pytest
 from amounts import amounts
@@ -489,6 +490,81 @@ def test_cyclic_shared_value_rejected(data: bytes) -> None:
     """A 6-byte self-referencing CBOR item (value-sharing tags) raises DecodeError."""
     with pytest.raises(DecodeError):
         decode(data)
+
+
+def _tagged(tag: int, payload: object) -> bytes:
+    """The CBOR of ``tag(payload)``."""
+    return cbor2.dumps(cbor2.CBORTag(tag, payload))
+
+
+def test_a_regular_expression_tag_is_refused_before_it_is_compiled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tag 35 asks cbor2 to ``re.compile`` the peer's text: a 58 KB pattern of that kind
+    once kept the Trio thread busy for a minute.  The decoder refuses the tag before
+    anything is compiled, anywhere in a message."""
+    import re
+
+    compiled: list[object] = []
+    real = re.compile
+
+    def spy(pattern: Any, *args: Any, **kw: Any) -> Any:
+        compiled.append(pattern)
+        return real(pattern, *args, **kw)
+
+    monkeypatch.setattr(re, "compile", spy)
+    pattern = "(?i)" + "[\u0100-\uffff]" * 6470
+    frames = [
+        _tagged(35, pattern),
+        cbor2.dumps([PROTOCOL_VERSION, Error.TYPE, cbor2.CBORTag(35, pattern)]),
+        cbor2.dumps([PROTOCOL_VERSION, Error.TYPE, "x"]) + _tagged(35, pattern),  # trailing
+    ]
+    for frame in frames:
+        assert len(frame) <= MAX_FRAME
+        with pytest.raises(DecodeError):
+            decode(frame)
+    assert pattern not in compiled
+
+
+# One payload of each CBOR major type that a built-in tag might decode.
+_TAG_PAYLOADS = (1, "a", b"a", [1, 2], {"a": 1}, b"\x00" * 16, "2020-01-01T00:00:00Z", 1.5)
+
+
+def test_every_tag_cbor2_builds_an_object_for_is_refused() -> None:
+    """Probe cbor2 (with the decoder's options) for every tag below 70,000 and a few
+    large ones: the only tags that decode to anything but an inert ``CBORTag`` are
+    ``REFUSED_TAGS`` (which raise) and 2, the protocol's bignum.  A cbor2 release with a
+    new built-in tag fails here until the tag is added to ``REFUSED_TAGS``."""
+    options = codec._SEMANTIC_DECODERS
+    active = set()
+    for tag in [*range(70_000), 2**32 - 1, 2**32, 2**63]:
+        head = _tagged(tag, 0)[:-1]
+        for payload in _TAG_PAYLOADS:
+            try:
+                value = cbor2.loads(head + cbor2.dumps(payload), semantic_decoders=options)
+            except cbor2.CBORDecodeError:
+                active.add(tag)
+                break
+            if not isinstance(value, cbor2.CBORTag):
+                active.add(tag)
+                break
+    assert active == codec.REFUSED_TAGS | {2}
+    for tag in codec.REFUSED_TAGS:  # and each one is a DecodeError through decode()
+        with pytest.raises(DecodeError):
+            decode(cbor2.dumps([PROTOCOL_VERSION, Error.TYPE, cbor2.CBORTag(tag, "x")]))
+
+
+def test_a_bignum_above_uint64_still_decodes() -> None:
+    """Tag 2 stays: a balance above 2**64 arrives as a bignum."""
+    big = UINT256_MAX - 5
+    st_ = attrs.evolve(
+        sample_state(),
+        allocations=(Allocation(asset=Address(b"\x00" * 20), balances=(big, 5), locked=0),),
+    )
+    data = encode(Propose(base_version=6, state=st_, signature=b"\x11" * 65))
+    assert bytes([0xC2, 0x58, 32]) + big.to_bytes(32, "big") in data  # tag 2, 32 bytes
+    msg = decode(data)
+    assert isinstance(msg, Propose) and msg.state.allocations[0].balances == (big, 5)
 
 
 # The decoder builds states with ``State.unchecked``: it must accept exactly what the
