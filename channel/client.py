@@ -119,6 +119,9 @@ class Client(ChannelTable):
             timeout=update_timeout,
         )
         self._waiters: dict[int, Waiter] = {}
+        #: Updates whose proposal was refused while their ``update`` call goes on (it may
+        #: retry): the ``NotifyAccepted`` of a revived proposal, once one comes.
+        self._retrying: dict[int, NotifyAccepted | None] = {}
         self._next_update = 0
         self._listeners: list[StateListener] = []
         self._nursery: trio.Nursery | None = None
@@ -249,6 +252,13 @@ class Client(ChannelTable):
         is raised here.
         """
         ch = self._channel(channel_id)
+        uid = self._new_update_id()
+        try:
+            return await self._update(ch, channel_id, fn, uid)
+        finally:
+            self._retrying.pop(uid, None)
+
+    async def _update(self, ch: Lane, channel_id: bytes, fn: UpdateFn, uid: int) -> SignedState:
         deadline = trio.current_time() + self.update_timeout
         granted = False  # the pump handed us the turn: skip the line
         while True:
@@ -260,7 +270,7 @@ class Client(ChannelTable):
                 raise LocalProtocolError(f"channel {channel_id.hex()[:16]} is {ch.status}")
             m = ch.machine
             if not granted and (ch.queue or m.window_full() or not m.is_open or ch.held()):
-                w = Waiter(trio.current_time() + self.update_timeout, fn)
+                w = Waiter(trio.current_time() + self.update_timeout, fn, uid)
                 ch.queue.append(w)
                 self._pump(ch)
                 await self._wait(ch, w)
@@ -275,7 +285,7 @@ class Client(ChannelTable):
                     await ch.give_turn(deadline)
                 if m.window_full() or not m.is_open:
                     continue  # the line moved on meanwhile: queue up again
-                w = Waiter(0.0, fn)
+                w = Waiter(0.0, fn, uid)
                 self._propose(ch, w)
                 if len(m.pending) == 1:  # lock-step: nothing else of ours in flight here
                     self.outbox.flush_now()
@@ -312,6 +322,14 @@ class Client(ChannelTable):
         ``w.error`` and wakes its caller."""
         assert w.fn is not None
         m = ch.machine
+        if self._retrying:
+            late = self._retrying.get(w.uid)
+            if late is not None:
+                # The peer countersigned the proposal it refused after all (a resync
+                # revived it): the update is made, and must not be made again.
+                w.result = late
+                w.event.set()
+                return
         if m.deferred:
             # The peer's checked proposals are countersigned first, and ``fn`` sees the
             # state they reach: computed on the one before, our update would undo them.
@@ -319,7 +337,7 @@ class Client(ChannelTable):
         try:
             tip = m.tip()
             upd = w.fn(tip)
-            uid = self._new_update_id()
+            uid = w.uid
             outputs = m.handle(
                 ActionPropose(
                     update_id=uid,
@@ -458,6 +476,20 @@ class Client(ChannelTable):
             if waiter is not None:
                 waiter.result = note
                 waiter.event.set()
+                if isinstance(note, NotifyRejected) and waiter.fn is not None:
+                    # ``update`` may retry it: until it is done, a revived proposal of
+                    # this update must reach it (see ``_propose``).
+                    self._retrying.setdefault(note.update_id, None)
+            elif isinstance(note, NotifyAccepted):
+                if note.update_id in self._retrying:
+                    self._retrying[note.update_id] = note
+                elif note.revived:
+                    log.warning(
+                        "channel %s: the peer countersigned v%d after refusing it: an "
+                        "update reported rejected is made after all",
+                        note.signed.state.channel_id.hex()[:16],
+                        note.signed.state.version,
+                    )
             cid = (
                 note.signed.state.channel_id
                 if isinstance(note, NotifyAccepted)

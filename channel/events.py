@@ -129,10 +129,14 @@ class NotifyAccepted:
 
     ``signed`` is normally that proposal's state; after a resync it may be a newer
     co-signed state that includes the update (the peer's signatures on the
-    intermediate versions were lost with the connection)."""
+    intermediate versions were lost with the connection).
+
+    ``revived``: the update was reported rejected (``NotifyRejected``) earlier, and the
+    peer countersigned that proposal after all (``channel.machine``, "Burned")."""
 
     update_id: int
     signed: SignedState
+    revived: bool = False
 
 
 @attrs.frozen(kw_only=True)

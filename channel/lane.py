@@ -76,9 +76,11 @@ class Waiter:
         "result",
         "stalled",
         "timed_out",
+        "uid",
     )
 
-    def __init__(self, deadline: float, fn: UpdateFn | None = None) -> None:
+    def __init__(self, deadline: float, fn: UpdateFn | None = None, uid: int = 0) -> None:
+        self.uid = uid  # the update's id: a retry keeps it (``channel.machine``, "Burned")
         self.deadline = deadline
         self.event = trio.Event()
         self.fn = fn

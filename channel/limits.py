@@ -23,6 +23,11 @@ PIPELINE_WINDOW = 256
 #: the newest of what it has read (one signature, one fsync and one ``Accept`` for the
 #: lot), and at the latest when this many are waiting.
 MAX_DEFERRED = 64
+#: Our rejected proposals a machine remembers while no newer state is co-signed (the
+#: peer holds our signature on each and may still countersign it: see "Burned" in
+#: ``channel.machine``).  A proposer with this many refuses to sign another until the
+#: peer co-signs something.
+MAX_BURNED = 4 * PIPELINE_WINDOW
 #: The highest version a state may have.  The adjudicator takes a uint64, but a store
 #: keeps versions in SQLite's signed 64-bit INTEGER: a proposal above this is refused
 #: (``StaleVersion``), and a channel that reaches it takes no more updates (it can still

@@ -63,6 +63,18 @@ Conflict: when both parties propose at once, the party with the lower address wi
   the other's signed versions from crossing proposals and ``Sync`` (``peer_max_signed``)
   and numbers its retries above them.  The client adds turn-taking (see docs/protocol.md).
 
+Burned: the peer holds our signature on each proposal it rejected (or that was dropped
+  as superseded), and may countersign it after all, until a newer state is co-signed:
+  an honest peer never does, but nothing stops one.  A ``Sync`` that brings such a state
+  co-signed is adopted like any newer co-signed state (it is the one the adjudicator
+  would honour), and the updates it holds, ours through its chain of ``base_version``,
+  are reported accepted (``NotifyAccepted(revived=True)`` for one already reported
+  rejected).  A retry carries the update id of the update it retries, so the machine
+  knows when a revived proposal already made the update: the retry in flight is
+  dropped without a notice (it must not be made twice), and the proposals built on it
+  are superseded (retryable).  The machine remembers the burned proposals above its
+  latest version (``burned``), at most ``MAX_BURNED``.
+
 Reconnect: each side sends ``Sync`` (latest co-signed, ``max_signed``), then
   its half-signed proposals again as ``Propose`` messages (a ``Sync`` may also
   carry them inside, as earlier releases sent it).  A newer co-signed state from the peer is checked
@@ -111,7 +123,7 @@ from channel.events import (
     SendMessage,
 )
 from channel.keys import verify
-from channel.limits import MAX_VERSION, PIPELINE_WINDOW
+from channel.limits import MAX_BURNED, MAX_VERSION, PIPELINE_WINDOW
 from channel.state import Params, SignedState, State
 
 #: ``policy(params, latest, proposed) -> None`` to accept or a reason to reject.
@@ -163,6 +175,9 @@ class ChannelMachine:
         #: each with its digest: the newest is countersigned on ``ActionCountersign``.
         self.deferred: list[tuple[Propose, bytes]] = []
         self.defer = defer
+        #: Our proposals dropped (rejected, superseded) above the latest version, oldest
+        #: first: the peer may still countersign one (see "Burned").
+        self.burned: list[InFlight] = []
 
     # -- constructors -------------------------------------------------------
 
@@ -339,6 +354,12 @@ class ChannelMachine:
             raise LocalProtocolError("a final state is already in flight")
         if self.window_full():
             raise LocalProtocolError(f"pipeline window of {self.window} is full")
+        self.prune_burned()
+        if len(self.burned) >= MAX_BURNED:
+            raise LocalProtocolError(
+                f"channel {self.channel_id.hex()[:16]}: the peer refused {len(self.burned)} "
+                "proposals since the last co-signed state; none is signed until it co-signs one"
+            )
         version = max(self.max_signed, self.peer_max_signed) + 1
         if version > MAX_VERSION:
             raise LocalProtocolError(
@@ -417,13 +438,28 @@ class ChannelMachine:
             *(NotifyAccepted(update_id=f.update_id, signed=signed) for f in done),
         ]
 
-    def _drop_from(self, index: int, reason: str, retryable: bool) -> list[Output]:
+    def prune_burned(self) -> None:
+        """Forget the burned proposals at or below the latest version: a ``Sync`` adopts
+        only a newer state, so none of them can come back."""
+        if self.burned and self.latest is not None:
+            v = self.latest.state.version
+            if self.burned[0].proposal.state.version <= v:
+                self.burned = [f for f in self.burned if f.proposal.state.version > v]
+
+    def _drop_from(
+        self, index: int, reason: str, retryable: bool, done: frozenset[int] = frozenset()
+    ) -> list[Output]:
+        """Drop our proposals from ``index`` on (they burn); each update is reported
+        rejected, but those in ``done`` (updates a revived state made: see "Burned")."""
         dead = self.pending[index:]
         del self.pending[index:]
+        self.burned.extend(dead)
         out: list[Output] = [
             PersistDropProposals(params=self.params, from_version=dead[0].proposal.state.version)
         ]
         for i, f in enumerate(dead):
+            if f.update_id in done:
+                continue
             out.append(
                 NotifyRejected(
                     channel_id=self.params.channel_id,

@@ -1065,3 +1065,107 @@ async def test_a_second_client_on_a_store_in_use_is_refused_and_the_first_goes_o
     async with open_client(key, tmp_path / "alice.sqlite", port=None) as again:
         latest = again.latest(cid)
         assert latest is not None and latest.state.version == 2
+
+
+@pytest.mark.parametrize("revived", ["after-the-retry", "before-the-retry"])
+async def test_a_pay_the_peer_refuses_and_then_countersigns_after_all_is_made_once(
+    tmp_path: Path, revived: str
+) -> None:
+    """A dishonest bob (a raw connection with his key) countersigns alice's pay of 10 in
+    private and refuses it as a conflict; alice's client retries the pay, and bob
+    answers the retry with a ``Sync`` bringing the refused proposal co-signed (or sends
+    that ``Sync`` right behind the refusal, before the client retries).  Alice must
+    adopt it (the adjudicator would honour it) and her ``pay`` return it, without
+    proposing the pay again: bob countersigns anything alice proposes after his
+    ``Sync``, so a client that proposed it once more would pay 20 for one ``pay``."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with open_client(alice_key, tmp_path / "alice.sqlite", update_timeout=3) as alice:
+        # Bob opens the channel (so alice never dials him), pays 1, and goes away.
+        async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+            cid = await _open(bob, alice, TOTAL)
+            await bob.pay(cid, ETH, 1)
+            await _wait_same(alice, bob, cid)
+        params = alice.params(cid)
+        start = alice.latest(cid)
+        assert start is not None
+        me = alice._channels[cid].machine.me
+
+        def paid(signed: SignedState) -> int:
+            before, after = start.state.allocations[0], signed.state.allocations[0]
+            return before.balances[me] - after.balances[me]
+
+        conn = await connect(bob_key, alice.peer_address())
+        proposals: list[Propose] = []
+        returned: list[SignedState] = []
+
+        async def alice_pays() -> None:
+            returned.append(await alice.pay(cid, ETH, 10))
+
+        async def next_proposal() -> Propose:
+            while True:
+                msg = codec.decode(await conn.receive())
+                if isinstance(msg, Propose):
+                    proposals.append(msg)
+                    return msg
+
+        def countersign(p: Propose) -> bytes:
+            return bob_key.sign(state_digest(params, p.state))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                await alice.wait_connected(bob_key.node_id)
+                n.start_soon(alice_pays)
+                first = await next_proposal()
+                kept = SignedState(
+                    state=first.state,
+                    signatures=(countersign(first), first.signature)
+                    if me == 1
+                    else (first.signature, countersign(first)),
+                )
+                reject = codec.encode(
+                    Reject(
+                        channel_id=cid,
+                        version=first.state.version,
+                        state_hash=state_digest(params, first.state),
+                        reason="ProposalConflict: the peer's proposal won",
+                    )
+                )
+                sync = codec.encode(
+                    codec.Sync(latest=kept, max_signed=first.state.version + 1, pending=())
+                )
+                if revived == "before-the-retry":
+                    await conn.send_many([reject, sync])  # one read: before any retry
+                else:
+                    await conn.send(reject)
+                    retry = await next_proposal()
+                    assert retry.state.version > first.state.version
+                    assert retry.base_version == start.state.version
+                    await conn.send(sync)
+
+                async def honest_from_now_on() -> None:
+                    while True:
+                        p = await next_proposal()
+                        await conn.send(
+                            codec.encode(
+                                codec.Accept(
+                                    channel_id=cid,
+                                    version=p.state.version,
+                                    signature=countersign(p),
+                                )
+                            )
+                        )
+
+                n.start_soon(honest_from_now_on)
+                while not returned:  # noqa: ASYNC110 - the pay's outcome
+                    await trio.sleep(0.01)
+                await alice.drain()
+                await trio.sleep(0.2)  # a third proposal would have been sent by now
+                n.cancel_scope.cancel()
+        await conn.aclose()
+        assert returned == [kept], "pay returned another state than the one bob co-signed"
+        latest = alice.latest(cid)
+        assert latest is not None
+        assert paid(latest) == 10, f"one pay of 10 moved {paid(latest)}"
+        expected = 1 if revived == "before-the-retry" else 2
+        assert len(proposals) == expected, f"alice proposed {len(proposals)} times for one pay"
+        assert all(i.in_flight == 0 for i in alice.channels() if i.channel_id == cid)

@@ -27,8 +27,9 @@ from channel.errors import (
     WrongChannel,
 )
 from channel.keys import SECP256K1_N, Signer, verify
-from channel.limits import MAX_DEFERRED, MAX_FRAME, MAX_VERSION
+from channel.limits import MAX_BURNED, MAX_DEFERRED, MAX_FRAME, MAX_VERSION
 from channel.machine import (
+    REASON_CONFLICT,
     ActionConnected,
     ActionCountersign,
     ActionPropose,
@@ -1922,3 +1923,136 @@ def test_hostile_network_never_forks(steps: list[tuple[str, int, int]], defer: b
     assert link.a.m.latest == link.b.m.latest
     assert not [e for e in link.a.errors() + link.b.errors() if isinstance(e, FundsAtRiskError)]
     _check_accounting(link, proposers_told_the_truth=False)
+
+
+# -- a peer that countersigns a proposal it rejected ("Burned") -----------------------
+
+
+def _countersign_and_reject(link: Link, reason: str, index: int = 0) -> SignedState:
+    """Bob, dishonest, takes alice's ``index``-th queued proposal, countersigns it in
+    private, and tells her he rejected it.  Returns the co-signed state he keeps."""
+    p = link.a.outbox.pop(index)
+    assert isinstance(p, Propose)
+    digest = state_digest(link.params, p.state)
+    signed = SignedState(state=p.state, signatures=(p.signature, link.b.signer.sign(digest)))
+    reject = Reject(
+        channel_id=link.params.channel_id,
+        version=p.state.version,
+        state_hash=digest,
+        reason=reason,
+    )
+    link.handle(link.a, ReceiveReject(reject))
+    return signed
+
+
+def _revive(link: Link, kept: SignedState) -> list[Output]:
+    """Bob's ``Sync`` on the next connect: the state he kept, as his latest co-signed."""
+    sync = Sync(latest=kept, max_signed=kept.state.version, pending=())
+    return link.handle(link.a, ReceiveSync(codec.decode(codec.encode(sync))))  # type: ignore[arg-type]
+
+
+def _paid_by_alice(link: Link) -> int:
+    latest = link.a.m.latest
+    assert latest is not None
+    return link.initial.allocation(ETH).balances[0] - latest.state.allocation(ETH).balances[0]
+
+
+def test_a_retried_update_is_not_made_twice_when_the_peer_revives_the_rejected_proposal() -> None:
+    """Alice pays 10 (v1).  Bob countersigns v1 in private and answers with a retryable
+    conflict; alice's client retries the update (same update id) as v2 on v0.  Bob's
+    ``Sync`` then brings v1 co-signed.  Alice must adopt v1 (the adjudicator would
+    honour it), report the update done with v1, and drop her retry v2 without a
+    retryable notice: else her client pays 10 again on top of v1 (20 for one pay)."""
+    link = Link()
+    link.open()
+    link.propose(link.a, 10)
+    uid = link.next_update_id - 1
+    kept = _countersign_and_reject(link, f"{REASON_CONFLICT}: the peer's proposal won")
+    assert [(n.update_id, n.retryable) for n in link.a.of_type(NotifyRejected)] == [(uid, True)]
+    tip = link.a.m.tip()
+    link.handle(
+        link.a,
+        ActionPropose(update_id=uid, allocations=transfer(tip, 0, 10), base_version=tip.version),
+    )
+    assert [f.proposal.state.version for f in link.a.m.pending] == [2]
+    before = len(link.a.outputs)
+    outs = _revive(link, kept)
+    assert link.a.m.latest == kept
+    assert _paid_by_alice(link) == 10
+    assert not link.a.m.pending
+    assert [o for o in outs if isinstance(o, NotifyRejected)] == [], (
+        "the retry was reported rejected: the client would make the update a third time"
+    )
+    accepted = [o for o in outs if isinstance(o, NotifyAccepted)]
+    assert [(n.update_id, n.signed, n.revived) for n in accepted] == [(uid, kept, True)]
+    assert any(
+        isinstance(o, PersistDropProposals) and o.from_version == 2 for o in outs
+    ), "the dropped retry must burn durably"
+    assert len(link.a.outputs) > before and not link.a.errors()
+
+
+def test_an_update_reported_rejected_and_then_revived_is_reported_accepted() -> None:
+    """A refusal that is not retryable (the peer's policy), then the refused proposal
+    co-signed after all: alice's caller was told ``UpdateRejected``, so the update comes
+    back as ``NotifyAccepted(revived=True)`` for the client to surface."""
+    link = Link()
+    link.open()
+    link.propose(link.a, 7)
+    uid = link.next_update_id - 1
+    kept = _countersign_and_reject(link, "over the risk limit")
+    assert [(n.update_id, n.retryable) for n in link.a.of_type(NotifyRejected)] == [(uid, False)]
+    outs = _revive(link, kept)
+    assert link.a.m.latest == kept and _paid_by_alice(link) == 7
+    assert [(n.update_id, n.revived) for n in outs if isinstance(n, NotifyAccepted)] == [
+        (uid, True)
+    ]
+    # Nothing is remembered below the new latest version.
+    assert link.a.m.burned == []
+
+
+def test_a_pipelined_update_under_a_revived_proposal_is_not_reported_superseded() -> None:
+    """Alice pays 1 (v1) and 2 (v2 on v1).  Bob rejects v2 alone but keeps it co-signed,
+    and his ``Sync`` brings it: v2 holds both pays.  Both updates are done; reporting v1
+    "superseded" (retryable) would make the client pay 1 again."""
+    link = Link()
+    link.open()
+    link.propose(link.a, 1)
+    link.propose(link.a, 2)
+    first, second = link.next_update_id - 2, link.next_update_id - 1
+    kept = _countersign_and_reject(link, "no", index=1)
+    assert [f.proposal.state.version for f in link.a.m.pending] == [1]
+    outs = _revive(link, kept)
+    assert link.a.m.latest == kept and _paid_by_alice(link) == 3
+    assert [o for o in outs if isinstance(o, NotifyRejected)] == []
+    assert [(n.update_id, n.revived) for n in outs if isinstance(n, NotifyAccepted)] == [
+        (first, False),
+        (second, True),
+    ]
+    assert not link.a.m.pending
+
+
+def test_a_proposer_stops_signing_when_the_peer_co_signs_nothing() -> None:
+    """The burned proposals a machine must remember are bounded: with ``MAX_BURNED`` of
+    them and no newer co-signed state, it refuses to sign another."""
+    link = Link()
+    link.open()
+    m = link.a.m
+    for _ in range(MAX_BURNED):
+        link.propose(link.a, 1)
+        _countersign_and_reject(link, "no")
+    assert len(m.burned) == MAX_BURNED
+    with pytest.raises(LocalProtocolError, match="refused"):
+        link.propose(link.a, 1)
+    # A newer co-signed state (the peer relents) frees the machine.
+    _revive(link, _last_burned_cosigned(link))
+    assert m.burned == []
+    outs = link.propose(link.a, 1)
+    assert [o.state.version for o in outs if isinstance(o, PersistProposal)] == [MAX_BURNED + 1]
+
+
+def _last_burned_cosigned(link: Link) -> SignedState:
+    f = link.a.m.burned[-1]
+    digest = state_digest(link.params, f.proposal.state)
+    return SignedState(
+        state=f.proposal.state, signatures=(f.proposal.signature, link.b.signer.sign(digest))
+    )
