@@ -184,8 +184,11 @@ class Inbound:
     def _emit(self, node_id: bytes, outputs: list[Output]) -> None:
         """Queue a machine step's outputs, counting the peer's culpable refusals."""
         for out in outputs:
-            if isinstance(out, NotifyProtocolError) and isinstance(out.error, CULPABLE):
-                self._strikes[node_id] = self._strikes.get(node_id, 0) + 1
+            if isinstance(out, NotifyProtocolError):
+                if isinstance(out.error, FundsAtRiskError):
+                    raise out.error  # never swallowed: it ends the client (see on_frame)
+                if isinstance(out.error, CULPABLE):
+                    self._strikes[node_id] = self._strikes.get(node_id, 0) + 1
         self.outbox.emit(node_id, outputs)
 
     def take_strikes(self, node_id: bytes) -> int:

@@ -200,6 +200,16 @@ class Links:
 
     async def accept(self, conn: Connection) -> None:
         """The server's handler for an incoming, authenticated connection."""
+        try:
+            await self._accept(conn)
+        except FundsAtRiskError as exc:
+            # ``serve`` logs and drops what a handler raises (one peer must not take the
+            # listener down); this one must end the client, as on a dialled link.
+            if self._nursery is not None:
+                self._nursery.start_soon(_reraise, exc)
+            raise
+
+    async def _accept(self, conn: Connection) -> None:
         node_id = conn.remote_node_id
         known = self.known_peers() if self.known_peers is not None else None
         if known is None or node_id in known:
@@ -293,6 +303,13 @@ class Links:
                 self.on_connected(node_id)
                 await self._reader(peer)
                 nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The reader's FundsAtRiskError comes out as itself, for the callers above
+            # (the dial loop, ``accept``) to tell it from a link's failure.
+            far = _funds_at_risk(group)
+            if far is not None:
+                raise far from None
+            raise
         finally:
             if self.peers.get(node_id) is peer:
                 del self.peers[node_id]
@@ -340,3 +357,19 @@ class Links:
                 return
             if self.pace is not None:
                 await self.pace()
+
+
+async def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+def _funds_at_risk(exc: BaseException) -> FundsAtRiskError | None:
+    """The first ``FundsAtRiskError`` in ``exc`` and the groups within it, if any."""
+    if isinstance(exc, FundsAtRiskError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _funds_at_risk(inner)
+            if found is not None:
+                return found
+    return None

@@ -86,7 +86,10 @@ def on_sync(m: ChannelMachine, ev: ReceiveSync) -> list[Output]:
         return [
             NotifyProtocolError(
                 error=FundsAtRiskError(
-                    f"channel {cid}: two different co-signed states at v{mine_v}"
+                    f"channel {cid}: the peer holds another co-signed state at v{mine_v} "
+                    "than ours: our key signed two states at one version (a store restored "
+                    "from an older copy, or the key in use elsewhere); stop, and settle the "
+                    "channel on chain with the newest co-signed state"
                 )
             )
         ]

@@ -7,6 +7,7 @@ import socket
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import attrs
@@ -19,6 +20,7 @@ from channel.client import FUNDING, OPEN, Client, Update, open_client
 from channel.codec import Propose, Reject
 from channel.eip712 import state_digest
 from channel.errors import (
+    FundsAtRiskError,
     LocalProtocolError,
     PeerTimeout,
     StoreError,
@@ -31,7 +33,7 @@ from channel.links import MAX_PEER_ERRORS
 from channel.noise import ACT_TWO_SIZE, Initiator
 from channel.state import ETH, UINT256_MAX, Address, Allocation, Params, SignedState, State
 from channel.store import WARM_WAL_BYTES, Store
-from channel.transport import Connection, PeerAddress, connect
+from channel.transport import Connection, PeerAddress, connect, serve
 
 ADJ = b"\xad" * 20
 TOTAL = 1_000_000
@@ -1169,3 +1171,64 @@ async def test_a_pay_the_peer_refuses_and_then_countersigns_after_all_is_made_on
         expected = 1 if revived == "before-the-retry" else 2
         assert len(proposals) == expected, f"alice proposed {len(proposals)} times for one pay"
         assert all(i.in_flight == 0 for i in alice.channels() if i.channel_id == cid)
+
+
+@pytest.mark.parametrize("link", ["accepted", "dialled"])
+async def test_another_co_signed_state_at_our_latest_version_ends_the_client(
+    tmp_path: Path, link: str
+) -> None:
+    """Two different co-signed states at one version mean our key signed both (a store
+    restored from an older copy, the key run twice): ``FundsAtRiskError``, which must
+    end the client rather than be logged as a peer's bad frame, on a link it accepted as
+    on one it dialled; its store is left as it was."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    async with (
+        open_client(bob_key, tmp_path / "bob.sqlite") as bob,
+        open_client(alice_key, tmp_path / "alice.sqlite") as alice,
+    ):
+        cid = await _open(bob, alice, TOTAL)  # bob opened it: alice never dials him
+        await bob.pay(cid, ETH, 1)
+        await _wait_same(alice, bob, cid)
+        params = alice.params(cid)
+    ours = alice.latest(cid)
+    assert ours is not None
+    other = attrs.evolve(
+        ours.state,
+        allocations=(
+            attrs.evolve(
+                ours.state.allocations[0],
+                balances=(
+                    ours.state.allocations[0].balances[0] - 5,
+                    ours.state.allocations[0].balances[1] + 5,
+                ),
+            ),
+        ),
+    )
+    digest = state_digest(params, other)
+    # bob opened the channel: he is participant 0
+    forged = SignedState(state=other, signatures=(bob_key.sign(digest), alice_key.sign(digest)))
+    sync = codec.encode(codec.Sync(latest=forged, max_signed=other.version, pending=()))
+
+    async def bob_sends_it(conn: Connection) -> None:
+        await conn.send(sync)
+        await trio.sleep_forever()
+
+    with trio.fail_after(10), pytest.raises(FundsAtRiskError, match="two states at one version"):
+        async with (
+            open_client(alice_key, tmp_path / "alice.sqlite") as alice,
+            trio.open_nursery() as n,
+        ):
+            if link == "accepted":
+                conn = await connect(bob_key, alice.peer_address())
+                n.start_soon(bob_sends_it, conn)
+            else:
+                listening = await n.start(partial(serve, bob_key, bob_sends_it))
+                where = PeerAddress(node_id=bob_key.node_id, host="127.0.0.1", port=listening.port)
+                await alice.connect(where)
+            await trio.sleep_forever()
+    store = Store(tmp_path / "alice.sqlite", owner=alice_key.address)
+    try:
+        (rec,) = store.load()
+        assert rec.latest == ours
+    finally:
+        store.close()
