@@ -5,7 +5,10 @@ The client owns the channels and the machines; a :class:`Links` owns the connect
 It calls back into the client with every frame a peer sends (``on_frame``) and every
 time a link comes up (``on_connected``), and takes the frames the client's flusher has
 released (``queue``).  One link per peer: a newer connection from the same key
-replaces the older one.
+replaces the older one, but for one: when both sides dial, the link dialled by the
+party with the lower node id is kept, while it is fresh (``FRESH_LINK``), and a redial
+loop waits while any link to its peer is up (two dialling sides otherwise kept
+replacing each other's link, a hundred times a second).
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ READ_BURST = 4
 #: Refused frames tolerated from one connection before it is dropped: malformed ones,
 #: and well-formed ones no honest peer sends (a forged signature, minted funds).
 MAX_PEER_ERRORS = 100
+#: Seconds since a link's last frame (or its start) during which it is not replaced by
+#: a crossing link dialled the other way, if it is the one dialled by the lower node id.
+#: A link that quiet may be dead on the far side (its host gone): the new one wins.
+FRESH_LINK = 2.0
 
 #: ``on_frame(node_id, frame) -> bool``: handle one frame; False if it was refused.
 OnFrame = Callable[[bytes, bytes], bool]
@@ -48,8 +55,11 @@ Pace = Callable[[], Awaitable[None]]
 class Peer:
     """One live connection and its writer task's queue."""
 
-    def __init__(self, conn: Connection, epoch: int) -> None:
+    def __init__(self, conn: Connection, epoch: int, *, dialled: bool) -> None:
         self.conn = conn
+        self.dialled = dialled  # we dialled it (else we accepted it)
+        self.last_frame = trio.current_time()  # when it came up, or its last frame came
+        self.frames = 0
         #: Which link to this peer it is (1, 2, ...): see ``Links.epoch``.
         self.epoch = epoch
         self.send, self.recv = trio.open_memory_channel[list[bytes]](math.inf)
@@ -149,9 +159,7 @@ class Links:
     async def wait_connected(self, node_id: bytes) -> None:
         """Wait until a link to ``node_id`` is up (bound it with a cancel scope)."""
         while node_id not in self.peers:
-            if self._changed.is_set():
-                self._changed = trio.Event()
-            await self._changed.wait()
+            await self._changed_event().wait()
 
     def queue(self, node_id: bytes, frames: list[bytes], *, epoch: int) -> bool:
         """Hand ``frames``, made while link ``epoch`` to the peer was the latest, to the
@@ -213,7 +221,7 @@ class Links:
         node_id = conn.remote_node_id
         known = self.known_peers() if self.known_peers is not None else None
         if known is None or node_id in known:
-            await self._run_peer(conn)
+            await self._run_peer(conn, dialled=False)
             return
         self._strangers = {n: None for n in self._strangers if n not in known}
         if node_id not in self._strangers and len(self._strangers) >= self.max_strangers:
@@ -234,7 +242,7 @@ class Links:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expel_stranger, conn)
-                await self._run_peer(conn)
+                await self._run_peer(conn, dialled=False)
                 nursery.cancel_scope.cancel()
         finally:
             if self.peers.get(node_id) is None:
@@ -252,6 +260,9 @@ class Links:
         backoff = 0.05
         try:
             while True:
+                # A link the peer dialled is as good: dial only while there is none.
+                while node_id in self.peers:
+                    await self._changed_event().wait()
                 address = self.dialing[node_id]
                 try:
                     conn = await connect(self.signer, address)
@@ -260,14 +271,19 @@ class Links:
                     await self._backoff(node_id, backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
-                backoff = 0.05
+                carried = False
                 try:
-                    await self._run_peer(conn)
+                    carried = await self._run_peer(conn, dialled=True)
                 except FundsAtRiskError:
                     raise
                 except Exception:  # as for accepted links: a link's failure is not ours
                     log.exception("link to %s failed", address)
-                await self._backoff(node_id, 0.01)
+                if carried:
+                    backoff = 0.05
+                    await self._backoff(node_id, 0.01)
+                else:  # closed before a frame came: refused, or the peer is failing
+                    await self._backoff(node_id, backoff)
+                    backoff = min(backoff * 2, 5.0)
         finally:
             del self.dialing[node_id]
             del self._redial_now[node_id]
@@ -287,14 +303,35 @@ class Links:
             return True
         return False
 
-    async def _run_peer(self, conn: Connection) -> None:
+    def _changed_event(self) -> trio.Event:
+        """An event set on the next link that comes up or goes down."""
+        if self._changed.is_set():
+            self._changed = trio.Event()
+        return self._changed
+
+    def _keeps(self, old: Peer, node_id: bytes, *, dialled: bool) -> bool:
+        """A new link crossing ``old`` (dialled the other way) leaves it up: ``old`` is
+        the one dialled by the lower node id, and fresh."""
+        return (
+            old.dialled != dialled
+            and old.dialled == (self.signer.node_id < node_id)
+            and trio.current_time() - old.last_frame < FRESH_LINK
+        )
+
+    async def _run_peer(self, conn: Connection, *, dialled: bool) -> bool:
+        """Run the link until it ends; True if it carried a frame from the peer."""
         node_id = conn.remote_node_id
-        old = self.peers.get(node_id)
-        if old is not None:
+        # Replace the live link, and any that came up while we waited for it to close
+        # (several new links at once: the last to get here stays, none runs untracked).
+        while (old := self.peers.get(node_id)) is not None:
+            if self._keeps(old, node_id, dialled=dialled):
+                log.info("keeping the link to %s; closing a crossing one", node_id.hex()[:16])
+                await trio.aclose_forcefully(conn)
+                return False
             await trio.aclose_forcefully(old.conn)
             await old.closed.wait()
         self._epochs[node_id] = epoch = self._epochs.get(node_id, 0) + 1
-        peer = Peer(conn, epoch)
+        peer = Peer(conn, epoch, dialled=dialled)
         self.peers[node_id] = peer
         self._changed.set()
         try:
@@ -313,8 +350,10 @@ class Links:
         finally:
             if self.peers.get(node_id) is peer:
                 del self.peers[node_id]
+                self._changed.set()
             peer.closed.set()
             await trio.aclose_forcefully(conn)
+        return peer.frames > 0
 
     async def _writer(self, peer: Peer) -> None:
         async for frames in peer.recv:
@@ -353,6 +392,8 @@ class Links:
                         "peer %s disconnected: %s: %s", node_id.hex()[:16], type(exc).__name__, exc
                     )
                     return
+            peer.frames += 1
+            peer.last_frame = trio.current_time()
             if self._struck(peer, node_id, ok=self.on_frame(node_id, frame)):
                 return
             if self.pace is not None:

@@ -125,6 +125,7 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: {exc}") from None
         self._checkpointer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
 
     # -- checkpoints ------------------------------------------------------------
 
@@ -231,7 +232,7 @@ class Store:
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('owner', ?)", (owner,))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     def schema_version(self) -> int:
@@ -288,7 +289,10 @@ class Store:
                 yield db
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                # Also for an exception raised after COMMIT returned (a KeyboardInterrupt
+                # at that instant): the commit stands, and the exception goes on as itself
+                # rather than as "cannot rollback - no transaction is active".
+                _rollback(db)
                 raise
         except (sqlite3.DatabaseError, OverflowError) as exc:  # OverflowError: an int64
             raise StoreError(f"{self.path}: {exc}") from None
@@ -353,7 +357,18 @@ class Store:
         )
 
     def signed_states(self, channel_id: bytes) -> list[tuple[int, int, SignedState]]:
-        """The audit trail: ``(version, status, signed state)`` for every state we signed."""
+        """The audit trail: ``(version, status, signed state)`` for every state we signed,
+        as last committed.  Safe to call while the client runs: it reads on a connection
+        of its own (never the committer's, whose open transaction it would see, nor from
+        a second thread at once)."""
+        if self._reader is None:
+            try:
+                self._reader = sqlite3.connect(
+                    str(self.path), isolation_level=None, check_same_thread=False
+                )
+                self._reader.execute("PRAGMA query_only=ON")
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.path}: {exc}") from None
         return [
             (
                 v,
@@ -366,7 +381,7 @@ class Store:
                     ),
                 ),
             )
-            for v, status, blob, s0, s1 in self._db.execute(
+            for v, status, blob, s0, s1 in self._reader.execute(
                 "SELECT version, status, state, sig0, sig1 FROM states WHERE channel_id=? "
                 "ORDER BY version",
                 (channel_id,),
@@ -376,6 +391,8 @@ class Store:
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.close()
+        if self._reader is not None:
+            self._reader.close()
         self._db.close()
 
 
@@ -446,3 +463,9 @@ __all__ = [
     "StoreLock",
     "StoreOp",
 ]
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if one is still open."""
+    if db.in_transaction:
+        db.execute("ROLLBACK")

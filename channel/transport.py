@@ -306,9 +306,14 @@ class Connection(trio.abc.AsyncResource):
 
 
 def _set_nodelay(stream: trio.abc.Stream) -> None:
-    # Small frames must not wait for Nagle; trio sets this already, we rely on it.
+    # Small frames must not wait for Nagle; trio sets this already, we rely on it.  A
+    # socket the peer reset already can refuse the option (EINVAL on some systems): that
+    # is the link failing, a TransportError like any other, never a raw OSError.
     if isinstance(stream, trio.SocketStream):
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        try:
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        except OSError as exc:
+            raise TransportError(f"the socket failed before the handshake: {exc}") from None
 
 
 async def _receive_exactly(stream: trio.abc.Stream, size: int, what: str) -> bytes:

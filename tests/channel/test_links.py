@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import pytest
 import trio
@@ -16,7 +17,7 @@ from channel import links as links_module
 from channel.errors import TransportError
 from channel.keys import Signer
 from channel.links import Links
-from channel.transport import Connection, Handler
+from channel.transport import Connection, Handler, PeerAddress, connect, serve
 
 ALICE = Signer.generate()
 
@@ -116,3 +117,88 @@ async def test_frames_made_for_an_earlier_link_are_never_sent_on_a_later_one() -
             while not got:  # noqa: ASYNC110 - the server task appends
                 await trio.sleep(0.01)
         assert got == [b"made for link 2"]
+
+
+def _links(signer: Signer, ups: list[bytes] | None = None) -> Links:
+    return Links(
+        signer,
+        on_frame=lambda n, f: True,
+        on_connected=lambda n: ups.append(n) if ups is not None else None,
+        timeout=5.0,
+    )
+
+
+async def _still_open(conn: Connection, wait: float) -> bool:
+    """True if the far side has not closed ``conn`` within ``wait`` seconds."""
+    with trio.move_on_after(wait):
+        try:
+            while True:
+                await conn.receive()
+        except TransportError:
+            return False
+    return True
+
+
+async def test_many_links_from_one_key_at_once_leave_exactly_one_running() -> None:
+    """Ten connections from one key come up at once: each replaces the link before it,
+    and when they have settled exactly one runs, the one ``peers`` tracks.  (Each waited
+    for the link before it to close and then registered without looking again: the
+    others ran on, untracked, and no cap on links counted them.)"""
+    bob, alice = Signer.generate(), Signer.generate()  # test-only keys
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            links = _links(bob)
+            links.attach(nursery)
+            listening = await nursery.start(partial(serve, bob, links.accept))
+            address = PeerAddress(node_id=bob.node_id, host="127.0.0.1", port=listening.port)
+            conns: list[Connection] = []
+
+            async def dial() -> None:
+                conns.append(await connect(alice, address))
+
+            async with trio.open_nursery() as dials:
+                for _ in range(10):
+                    dials.start_soon(dial)
+            open_now: list[bool] = [False] * len(conns)
+
+            async def probe(i: int) -> None:
+                open_now[i] = await _still_open(conns[i], 1.0)
+
+            async with trio.open_nursery() as probes:
+                for i in range(len(conns)):
+                    probes.start_soon(probe, i)
+            assert sum(open_now) == 1, f"{sum(open_now)} of 10 links from one key still run"
+            assert alice.node_id in links.peers
+            for c in conns:
+                await c.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_two_sides_that_dial_each_other_settle_on_one_link() -> None:
+    """Both sides know the other's address and run a redial loop (both hold a channel
+    they dialled for): the links come up a few times at most and one stays, the one
+    the lower node id dialled.  (Each new link replaced the other side's, which
+    redialled at once: 160 link-ups in 2 s.)"""
+    a_key, b_key = Signer.generate(), Signer.generate()  # test-only keys
+    ups_a: list[bytes] = []
+    ups_b: list[bytes] = []
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            a, b = _links(a_key, ups_a), _links(b_key, ups_b)
+            a.attach(nursery)
+            b.attach(nursery)
+            la = await nursery.start(partial(serve, a_key, a.accept))
+            lb = await nursery.start(partial(serve, b_key, b.accept))
+            a.redial(PeerAddress(node_id=b_key.node_id, host="127.0.0.1", port=lb.port))
+            b.redial(PeerAddress(node_id=a_key.node_id, host="127.0.0.1", port=la.port))
+            await trio.sleep(2.0)
+            assert len(ups_a) <= 4 and len(ups_b) <= 4, (
+                f"links came up {len(ups_a)} and {len(ups_b)} times in 2 s"
+            )
+            pa, pb = a.peers.get(b_key.node_id), b.peers.get(a_key.node_id)
+            assert pa is not None and pb is not None, "no link is up"
+            lower_dialled = a_key.node_id < b_key.node_id
+            assert pa.dialled == lower_dialled and pb.dialled != lower_dialled
+            # the one link carries frames both ways
+            assert a.queue(b_key.node_id, [b"ping"], epoch=a.epoch(b_key.node_id))
+            nursery.cancel_scope.cancel()

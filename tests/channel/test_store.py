@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -752,3 +753,60 @@ def test_a_store_locked_by_another_process_is_refused_until_that_process_dies(
         StoreLock(path)  # a second lock in one process is refused too
     lock.release()
     StoreLock(path).release()
+
+
+class _InterruptedAfterCommit:
+    """The store's connection, but a ``KeyboardInterrupt`` arrives the instant a COMMIT
+    has returned (a signal lands there as anywhere)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        cursor = self._db.execute(sql, *args)
+        if sql == "COMMIT":
+            raise KeyboardInterrupt
+        return cursor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+def test_an_interrupt_right_after_a_commit_comes_out_as_itself_and_the_commit_stands(
+    path: Path,
+) -> None:
+    """The interrupt, not a ``StoreError`` ("cannot rollback - no transaction is
+    active", from the rollback of a transaction that had committed), and what was
+    committed is there after a restart."""
+    store = Store(path, owner=ALICE.address)
+    f = opened(store)
+    v1 = pay(f.v0, 1)
+    real = store._db
+    store._db = _InterruptedAfterCommit(real)  # type: ignore[assignment]
+    with pytest.raises(KeyboardInterrupt):
+        store.apply([PersistLatest(params=f.params, signed=cosign(f.params, v1))])
+    store._db = real
+    store.close()
+    store = Store(path, owner=ALICE.address)
+    (rec,) = store.load()
+    assert rec.latest == cosign(f.params, v1)
+    store.close()
+
+
+def test_the_audit_trail_shows_only_what_is_committed(path: Path) -> None:
+    """``signed_states`` (documented for use while the client runs) while a group commit
+    is half done on the committer's connection: it shows the states as last committed,
+    not the rows of the open transaction, which may yet roll back."""
+    store = Store(path, owner=ALICE.address)
+    f = opened(store)
+    v1 = pay(f.v0, 1)
+    before = store.signed_states(f.params.channel_id)
+    plan = store.prepare([proposal(f.params, 0, v1)])
+    store._db.execute("BEGIN IMMEDIATE")
+    for step in plan.steps:
+        step(store._db)
+    assert store.signed_states(f.params.channel_id) == before
+    store._db.execute("ROLLBACK")
+    store.apply([proposal(f.params, 0, v1)])
+    assert [v for v, _, _ in store.signed_states(f.params.channel_id)] == [0, 1]
+    store.close()

@@ -614,3 +614,28 @@ async def test_send_now_and_send_many_interleave_across_key_rotations() -> None:
                 assert await conn.receive() == expected
             await conn.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_socket_that_refuses_its_options_fails_as_a_transport_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A socket the peer reset before we set TCP_NODELAY can refuse the option (EINVAL
+    on some systems).  ``connect`` must raise ``TransportError`` (which a redial loop
+    handles), not the raw ``OSError`` (which ended the client's redial loop, and the
+    client with it); the listener drops such a socket and serves the next one."""
+
+    def refuse(self: trio.SocketStream, *args: object) -> None:
+        raise OSError(22, "Invalid argument")
+
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            _, address = await start_server(nursery, echo)
+            with monkeypatch.context() as m:
+                m.setattr(trio.SocketStream, "setsockopt", refuse)
+                with pytest.raises(TransportError, match="Invalid argument"):
+                    await connect(Signer.generate(), address)
+            conn = await connect(Signer.generate(), address)
+            await conn.send(b"still serving")
+            assert await conn.receive() == b"still serving"
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
