@@ -100,8 +100,13 @@ class Links:
         self.known_peers = known_peers
         self.max_strangers = MAX_STRANGERS
         self.stranger_grace = STRANGER_GRACE
-        #: Accepted links from keys that were strangers when they came, oldest first.
-        self._strangers: dict[bytes, None] = {}
+        #: Keys that were strangers when their links came, oldest first, each with its
+        #: accepted connections (running or waiting to replace the one that runs).
+        self._strangers: dict[bytes, set[Connection]] = {}
+        #: Per peer, the newest connection waiting to replace its link: an older one that
+        #: wakes to find a newer one here gives way to it (each new connection then costs
+        #: one replacement, however many come at once).
+        self._claims: dict[bytes, Connection] = {}
         self.timeout = timeout
         self.peers: dict[bytes, Peer] = {}
         self._epochs: dict[bytes, int] = {}
@@ -130,11 +135,12 @@ class Links:
 
         Raises ``PeerTimeout`` after ``timeout`` seconds without a link (the redial loop
         goes on: a later ``connect`` or ``wait_connected`` sees the link come up)."""
-        if address.node_id in self.peers:
-            return
         if self._nursery is None:
             raise LocalProtocolError("the client is not running")
+        # Even when the peer's own link is up: after it drops, we redial this address.
         self.redial(address)
+        if address.node_id in self.peers:
+            return
         with trio.move_on_after(self.timeout):
             await self.wait_connected(address.node_id)
             return
@@ -223,30 +229,35 @@ class Links:
         if known is None or node_id in known:
             await self._run_peer(conn, dialled=False)
             return
-        self._strangers = {n: None for n in self._strangers if n not in known}
-        if node_id not in self._strangers and len(self._strangers) >= self.max_strangers:
-            # Make room by closing the oldest stranger's link: an honest stranger sends
-            # its Open right after the handshake, so it must be outpaced to be shut out
-            # (refusing the newest instead would let a few idle keys shut out everyone).
-            oldest = next(iter(self._strangers))
-            del self._strangers[oldest]
-            log.info(
-                "closing the link of %s: %d newer strangers",
-                oldest.hex()[:16],
-                len(self._strangers),
-            )
-            peer = self.peers.get(oldest)
-            if peer is not None:
-                await trio.aclose_forcefully(peer.conn)
-        self._strangers[node_id] = None
+        self._strangers = {n: c for n, c in self._strangers.items() if n not in known}
+        conns = self._strangers.get(node_id)
+        victims: set[Connection] = set()
+        if conns is None:
+            if len(self._strangers) >= self.max_strangers:
+                # Make room by closing the oldest stranger's links: an honest stranger
+                # sends its Open right after the handshake, so it must be outpaced to be
+                # shut out (refusing the newest instead would let a few idle keys shut
+                # out everyone).
+                oldest = next(iter(self._strangers))
+                victims = self._strangers.pop(oldest)
+                log.info(
+                    "closing the link of %s: %d newer strangers",
+                    oldest.hex()[:16],
+                    len(self._strangers),
+                )
+            conns = self._strangers[node_id] = set()  # counted before anything awaits
+        conns.add(conn)
         try:
+            for victim in victims:
+                await trio.aclose_forcefully(victim)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._expel_stranger, conn)
                 await self._run_peer(conn, dialled=False)
                 nursery.cancel_scope.cancel()
         finally:
-            if self.peers.get(node_id) is None:
-                self._strangers.pop(node_id, None)
+            conns.discard(conn)
+            if not conns and self._strangers.get(node_id) is conns:
+                del self._strangers[node_id]
 
     async def _expel_stranger(self, conn: Connection) -> None:
         """Close a stranger's link after ``stranger_grace`` if no channel came of it."""
@@ -261,8 +272,11 @@ class Links:
         try:
             while True:
                 # A link the peer dialled is as good: dial only while there is none.
-                while node_id in self.peers:
-                    await self._changed_event().wait()
+                if (up := self.peers.get(node_id)) is not None:
+                    while up is not None:
+                        await up.closed.wait()
+                        up = self.peers.get(node_id)
+                    backoff = 0.05
                 address = self.dialing[node_id]
                 try:
                     conn = await connect(self.signer, address)
@@ -315,21 +329,36 @@ class Links:
         return (
             old.dialled != dialled
             and old.dialled == (self.signer.node_id < node_id)
+            and not old.conn.closed
             and trio.current_time() - old.last_frame < FRESH_LINK
         )
 
     async def _run_peer(self, conn: Connection, *, dialled: bool) -> bool:
         """Run the link until it ends; True if it carried a frame from the peer."""
         node_id = conn.remote_node_id
-        # Replace the live link, and any that came up while we waited for it to close
-        # (several new links at once: the last to get here stays, none runs untracked).
-        while (old := self.peers.get(node_id)) is not None:
-            if self._keeps(old, node_id, dialled=dialled):
-                log.info("keeping the link to %s; closing a crossing one", node_id.hex()[:16])
-                await trio.aclose_forcefully(conn)
+        old = self.peers.get(node_id)
+        if old is not None and self._keeps(old, node_id, dialled=dialled):
+            log.info("keeping the link to %s; closing a crossing one", node_id.hex()[:16])
+            await trio.aclose_forcefully(conn)
+            return False
+        # Replace the live link.  Several new connections at once: the newest claims the
+        # key, and each older one gives way to it as it wakes (none runs untracked).
+        self._claims[node_id] = conn
+        try:
+            while (old := self.peers.get(node_id)) is not None:
+                await trio.aclose_forcefully(old.conn)
+                await old.closed.wait()
+                if self._claims.get(node_id) is not conn:
+                    break
+            if self._claims.get(node_id) is not conn or conn.closed:
+                await trio.aclose_forcefully(conn)  # superseded, or closed (evicted)
                 return False
-            await trio.aclose_forcefully(old.conn)
-            await old.closed.wait()
+        except BaseException:
+            await trio.aclose_forcefully(conn)
+            raise
+        finally:
+            if self._claims.get(node_id) is conn:
+                del self._claims[node_id]
         self._epochs[node_id] = epoch = self._epochs.get(node_id, 0) + 1
         peer = Peer(conn, epoch, dialled=dialled)
         self.peers[node_id] = peer

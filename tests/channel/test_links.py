@@ -202,3 +202,93 @@ async def test_two_sides_that_dial_each_other_settle_on_one_link() -> None:
             # the one link carries frames both ways
             assert a.queue(b_key.node_id, [b"ping"], epoch=a.epoch(b_key.node_id))
             nursery.cancel_scope.cancel()
+
+
+async def test_a_pile_of_connections_from_one_key_costs_one_replacement_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200 connections from one key at once: each closes at most a few others (the
+    newest claims the key, older waiters give way), where each used to close every
+    link that registered while it waited (20,000 closes, seconds of CPU, for any key)."""
+    closes = 0
+    real_close = trio.aclose_forcefully
+
+    async def counting(resource: trio.abc.AsyncResource) -> None:
+        nonlocal closes
+        closes += 1
+        await real_close(resource)
+
+    monkeypatch.setattr(links_module.trio, "aclose_forcefully", counting)
+    bob, alice = Signer.generate(), Signer.generate()  # test-only keys
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            links = _links(bob)
+            links.attach(nursery)
+            listening = await nursery.start(partial(serve, bob, links.accept))
+            address = PeerAddress(node_id=bob.node_id, host="127.0.0.1", port=listening.port)
+            conns: list[Connection] = []
+
+            async def dial() -> None:
+                conns.append(await connect(alice, address))
+
+            async with trio.open_nursery() as dials:
+                for _ in range(200):
+                    dials.start_soon(dial)
+            open_now = [False] * len(conns)
+
+            async def probe(i: int) -> None:
+                open_now[i] = await _still_open(conns[i], 1.0)
+
+            async with trio.open_nursery() as probes:
+                for i in range(len(conns)):
+                    probes.start_soon(probe, i)
+            assert sum(open_now) == 1
+            # five or so each (the replacement, its own close, the server's): linear, not N²
+            assert closes <= 10 * len(conns), f"{closes} closes for {len(conns)} connections"
+            for c in conns:
+                await real_close(c)
+            nursery.cancel_scope.cancel()
+
+
+async def test_strangers_never_hold_more_links_than_the_cap() -> None:
+    """Twelve stranger keys, each dialling twice at once, against a cap of 4: once they
+    have settled at most 4 keys are counted and at most 4 of their connections are open
+    (each key's one link: an evicted key loses every connection, the one waiting too)."""
+    bob = Signer.generate()  # test-only keys
+    keys = [Signer.generate() for _ in range(12)]
+    with trio.fail_after(TEST_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            links = Links(
+                bob,
+                on_frame=lambda n, f: True,
+                on_connected=lambda n: None,
+                timeout=5.0,
+                known_peers=lambda: (),
+            )
+            links.max_strangers = 4
+            links.attach(nursery)
+            listening = await nursery.start(partial(serve, bob, links.accept))
+            address = PeerAddress(node_id=bob.node_id, host="127.0.0.1", port=listening.port)
+            conns: list[Connection] = []
+
+            async def dial(key: Signer) -> None:
+                conns.append(await connect(key, address))
+
+            async with trio.open_nursery() as dials:
+                for key in keys:
+                    dials.start_soon(dial, key)
+                    dials.start_soon(dial, key)
+            open_now = [False] * len(conns)
+
+            async def probe(i: int) -> None:
+                open_now[i] = await _still_open(conns[i], 1.0)
+
+            async with trio.open_nursery() as probes:
+                for i in range(len(conns)):
+                    probes.start_soon(probe, i)
+            assert len(links._strangers) <= 4
+            assert sum(open_now) <= 4, f"{sum(open_now)} stranger connections open, cap 4"
+            assert len(links.peers) <= 4
+            for c in conns:
+                await c.aclose()
+            nursery.cancel_scope.cancel()
