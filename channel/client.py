@@ -255,6 +255,13 @@ class Client(ChannelTable):
         uid = self._new_update_id()
         try:
             return await self._update(ch, channel_id, fn, uid)
+        except UpdateRejected:
+            late = self._retrying.get(uid)
+            if isinstance(late, NotifyAccepted):
+                # Refused, and then the refused proposal came back co-signed (a peer
+                # that countersigned what it refused): the update is made.
+                return late.signed
+            raise
         finally:
             self._retrying.pop(uid, None)
 
@@ -476,7 +483,11 @@ class Client(ChannelTable):
             if waiter is not None:
                 waiter.result = note
                 waiter.event.set()
-                if isinstance(note, NotifyRejected) and waiter.fn is not None:
+                if (
+                    isinstance(note, NotifyRejected)
+                    and waiter.fn is not None
+                    and not waiter.cancelled  # its ``update`` has returned
+                ):
                     # ``update`` may retry it: until it is done, a revived proposal of
                     # this update must reach it (see ``_propose``).
                     self._retrying.setdefault(note.update_id, None)

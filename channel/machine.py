@@ -65,15 +65,15 @@ Conflict: when both parties propose at once, the party with the lower address wi
 
 Burned: the peer holds our signature on each proposal it rejected (or that was dropped
   as superseded), and may countersign it after all, until a newer state is co-signed:
-  an honest peer never does, but nothing stops one.  A ``Sync`` that brings such a state
-  co-signed is adopted like any newer co-signed state (it is the one the adjudicator
-  would honour), and the updates it holds, ours through its chain of ``base_version``,
-  are reported accepted (``NotifyAccepted(revived=True)`` for one already reported
-  rejected).  A retry carries the update id of the update it retries, so the machine
-  knows when a revived proposal already made the update: the retry in flight is
-  dropped without a notice (it must not be made twice), and the proposals built on it
-  are superseded (retryable).  The machine remembers the burned proposals above its
-  latest version (``burned``), at most ``MAX_BURNED``.
+  an honest peer never does, but nothing stops one.  A ``Sync`` (or a late ``Accept``)
+  that brings such a state co-signed is adopted like any newer co-signed state (it is
+  the one the adjudicator would honour); :mod:`channel.revival` settles what it holds.
+  A retry carries the update id of the update it retries, so an update is never made
+  twice; an update is reported made (``NotifyAccepted``, ``revived=True`` if it was
+  reported rejected) only once no burned proposal lacking it could still come back;
+  one held that a later revived state lacks is reported undone (retryable).  The
+  machine remembers the burned proposals above its latest version (``burned``), at
+  most ``MAX_BURNED``.
 
 Reconnect: each side sends ``Sync`` (latest co-signed, ``max_signed``), then
   its half-signed proposals again as ``Propose`` messages (a ``Sync`` may also
@@ -89,10 +89,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeAlias
 
-from channel import responder, resync
+from channel import responder, resync, revival
 from channel.codec import Accept, Open, Propose, Sync
 from channel.eip712 import state_digest
 from channel.errors import (
+    ChannelError,
     ConservationError,
     InvalidSignature,
     LocalProtocolError,
@@ -178,6 +179,18 @@ class ChannelMachine:
         #: Our proposals dropped (rejected, superseded) above the latest version, oldest
         #: first: the peer may still countersign one (see "Burned").
         self.burned: list[InFlight] = []
+        #: Updates a state the peer brought (``revival.adopt``) holds, not yet reported:
+        #: a burned proposal of ours could still undo them.  Update id -> (its
+        #: proposal's version, whether it was reported rejected).
+        self.held: dict[int, tuple[int, bool]] = {}
+        #: Updates reported rejected that such a state made after all: a retry of one is
+        #: answered as accepted, never signed again (at most ``MAX_BURNED``, newest).
+        self.made: dict[int, SignedState] = {}
+        #: While anything is burned or held: the update ids each known state holds
+        #: (``channel.revival``); None otherwise.
+        self.content: dict[int, frozenset[int]] | None = None
+        #: While tracking: the updates reported accepted since tracking began.
+        self.reported: set[int] = set()
 
     # -- constructors -------------------------------------------------------
 
@@ -314,6 +327,11 @@ class ChannelMachine:
     # -- local actions ------------------------------------------------------
 
     def _on_propose_action(self, ev: ActionPropose) -> list[Output]:
+        if self.content is not None or self.made:
+            # A retry of an update that a revived proposal made: not made twice.
+            answer = revival.answer_made(self, ev.update_id)
+            if answer is not None:
+                return answer
         if not self.deferred:
             return self._propose(ev)
         # The peer's checked proposals first: ours builds on them.  Refused before any
@@ -380,7 +398,10 @@ class ChannelMachine:
         sig = self._sign(digest)
         proposal = Propose(base_version=tip.version, state=new, signature=sig)
         self.max_signed = version
-        self.pending.append(InFlight(update_id=ev.update_id, proposal=proposal, digest=digest))
+        flight = InFlight(update_id=ev.update_id, proposal=proposal, digest=digest)
+        self.pending.append(flight)
+        if self.content is not None:
+            revival.note_proposal(self, flight)
         return [
             PersistProposal(
                 params=self.params, me=self.me, base_version=tip.version, state=new, signature=sig
@@ -414,13 +435,7 @@ class ChannelMachine:
                 -1,
             )
         if i < 0:
-            return [
-                NotifyProtocolError(
-                    error=StaleVersion(
-                        f"channel {cid}: Accept for v{a.version} we are not awaiting"
-                    )
-                )
-            ]
+            return self._on_late_accept(a)
         head = self.pending[i]
         try:
             verify(head.digest, a.signature, self.peer_address)
@@ -433,10 +448,36 @@ class ChannelMachine:
         self.latest = signed
         done = self.pending[: i + 1]
         del self.pending[: i + 1]
-        return [
+        out: list[Output] = [
             PersistLatest(params=self.params, signed=signed, row=ROW_OWN, retires_below=i > 0),
             *(NotifyAccepted(update_id=f.update_id, signed=signed) for f in done),
         ]
+        if self.content is not None:
+            revival.note_reported(self, [f.update_id for f in done])
+            out.extend(revival.after_latest(self))
+        return out
+
+    def _on_late_accept(self, a: Accept) -> list[Output]:
+        """An ``Accept`` for no proposal in flight: for a burned one, the peer
+        countersigned what it refused, and the state is adopted as from a ``Sync``."""
+        cid = self.params.channel_id.hex()[:16]
+        burned = next((f for f in self.burned if f.proposal.state.version == a.version), None)
+        if burned is None or self.latest is None:
+            return [
+                NotifyProtocolError(
+                    error=StaleVersion(
+                        f"channel {cid}: Accept for v{a.version} we are not awaiting"
+                    )
+                )
+            ]
+        sigs: list[bytes | None] = [None, None]
+        sigs[self.me] = burned.proposal.signature
+        sigs[self.peer] = a.signature
+        signed = SignedState(state=burned.proposal.state, signatures=(sigs[0], sigs[1]))
+        try:
+            return revival.adopt(self, signed)
+        except ChannelError as err:
+            return [NotifyProtocolError(error=err)]
 
     def prune_burned(self) -> None:
         """Forget the burned proposals at or below the latest version: a ``Sync`` adopts
@@ -451,6 +492,7 @@ class ChannelMachine:
     ) -> list[Output]:
         """Drop our proposals from ``index`` on (they burn); each update is reported
         rejected, but those in ``done`` (updates a revived state made: see "Burned")."""
+        revival.track(self)  # before anything burns: what each state holds
         dead = self.pending[index:]
         del self.pending[index:]
         self.burned.extend(dead)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from channel import codec
+from channel import codec, revival
 from channel.codec import Accept, Propose, Reject
 from channel.eip712 import state_digest
 from channel.errors import (
@@ -124,15 +124,20 @@ def _countersign(m: ChannelMachine, p: Propose, digest: bytes) -> list[Output]:
     sigs[m.me] = my_sig
     sigs[m.peer] = p.signature
     signed = SignedState(state=state, signatures=(sigs[0], sigs[1]))
+    if m.content is not None and m.latest is not None:
+        revival.note_countersigned(m, state.version, m.latest.state.version)
     m.latest = signed
     m.max_signed = state.version
-    return [
+    out: list[Output] = [
         PersistLatest(params=m.params, signed=signed, row=ROW_NEW),
         SendMessage(
             Accept(channel_id=m.params.channel_id, version=state.version, signature=my_sig)
         ),
         NotifyReceived(signed=signed),
     ]
+    if m.content is not None:
+        out.extend(revival.after_latest(m))
+    return out
 
 
 def _yields_to(m: ChannelMachine, p: Propose) -> bool:

@@ -1232,3 +1232,134 @@ async def test_another_co_signed_state_at_our_latest_version_ends_the_client(
         assert rec.latest == ours
     finally:
         store.close()
+
+
+@asynccontextmanager
+async def alice_and_a_raw_bob(
+    tmp_path: Path, **alice_kwargs: object
+) -> AsyncIterator[tuple[Client, Connection, Signer, bytes]]:
+    """Alice running with a channel bob opened (so she never dials him), and bob as a
+    raw connection of his key to her, to send what he likes: ``(alice, conn, bob's key,
+    channel id)``.  Alice has the higher address (she yields after a conflict)."""
+    while True:
+        alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+        if alice_key.address > bob_key.address:
+            break
+    async with open_client(
+        alice_key, tmp_path / "alice.sqlite", **alice_kwargs  # type: ignore[arg-type]
+    ) as alice:
+        async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+            cid = await _open(bob, alice, TOTAL)
+            await bob.pay(cid, ETH, 1)
+            await _wait_same(alice, bob, cid)
+        conn = await connect(bob_key, alice.peer_address())
+        with trio.fail_after(5):
+            await alice.wait_connected(bob_key.node_id)
+        try:
+            yield alice, conn, bob_key, cid
+        finally:
+            await conn.aclose()
+
+
+async def _next_proposal(conn: Connection) -> Propose:
+    with trio.fail_after(5):
+        while True:
+            msg = codec.decode(await conn.receive())
+            if isinstance(msg, Propose):
+                return msg
+
+
+def _bobs_copy(params: Params, bob_key: Signer, p: Propose) -> SignedState:
+    """Alice's proposal ``p`` countersigned by bob (participant 0: he opened it)."""
+    return SignedState(
+        state=p.state, signatures=(bob_key.sign(state_digest(params, p.state)), p.signature)
+    )
+
+
+def _reject(params: Params, p: Propose, reason: str) -> bytes:
+    return codec.encode(
+        Reject(
+            channel_id=params.channel_id,
+            version=p.state.version,
+            state_hash=state_digest(params, p.state),
+            reason=reason,
+        )
+    )
+
+
+async def test_a_refused_pay_whose_proposal_comes_back_in_the_same_read_returns_it(
+    tmp_path: Path,
+) -> None:
+    """Bob refuses alice's pay for good (his policy), and in the same write sends a Sync
+    bringing that very proposal co-signed: the pay is made, so ``pay`` returns the state
+    (it raised ``UpdateRejected`` for a pay that was made, with no warning)."""
+    async with alice_and_a_raw_bob(tmp_path, update_timeout=3) as (alice, conn, bob_key, cid):
+        params = alice.params(cid)
+        start = alice.latest(cid)
+        assert start is not None
+        returned: list[SignedState] = []
+
+        async def pays() -> None:
+            returned.append(await alice.pay(cid, ETH, 10))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(pays)
+            p = await _next_proposal(conn)
+            kept = _bobs_copy(params, bob_key, p)
+            sync = codec.encode(codec.Sync(latest=kept, max_signed=p.state.version, pending=()))
+            await conn.send_many([_reject(params, p, "over the risk limit"), sync])
+        assert returned == [kept]
+        assert alice.latest(cid) == kept
+
+
+async def test_a_revived_pay_over_an_older_one_in_flight_is_made_once(tmp_path: Path) -> None:
+    """Window 2: pay X (1) in flight, pay A (10) built on it, pay Y (100) in line.  Bob
+    countersigns A in private and refuses it as a conflict; Y takes A's slot and A's
+    retry waits in line.  Bob's Sync brings A co-signed (it holds X and A).  Reporting X
+    made pumps the line before A's own notice comes: A's retry must not be proposed on
+    a state that holds A (1 + 10 + 100 moved 121 that way).  Bob countersigns whatever
+    comes after his Sync."""
+    async with alice_and_a_raw_bob(tmp_path, update_timeout=5, window=2) as (
+        alice,
+        conn,
+        bob_key,
+        cid,
+    ):
+        params = alice.params(cid)
+        start = alice.latest(cid)
+        assert start is not None
+        results: dict[str, SignedState] = {}
+
+        async def pay(name: str, amount: int) -> None:
+            results[name] = await alice.pay(cid, ETH, amount)
+
+        async def honest() -> None:
+            while True:
+                p = await _next_proposal(conn)
+                sig = bob_key.sign(state_digest(params, p.state))
+                accept = codec.Accept(channel_id=cid, version=p.state.version, signature=sig)
+                await conn.send(codec.encode(accept))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as n:
+                n.start_soon(pay, "X", 1)
+                await _next_proposal(conn)
+                n.start_soon(pay, "A", 10)
+                pa = await _next_proposal(conn)
+                n.start_soon(pay, "Y", 100)
+                await trio.sleep(0.05)
+                kept = _bobs_copy(params, bob_key, pa)
+                await conn.send(_reject(params, pa, "ProposalConflict: mine won"))
+                py = await _next_proposal(conn)
+                await trio.sleep(0.1)
+                sync = codec.Sync(latest=kept, max_signed=py.state.version, pending=())
+                await conn.send(codec.encode(sync))
+                n.start_soon(honest)
+                while len(results) < 3:  # noqa: ASYNC110 - the pays' outcomes
+                    await trio.sleep(0.01)
+                await alice.drain()
+                n.cancel_scope.cancel()
+        latest = alice.latest(cid)
+        assert latest is not None
+        paid = start.state.allocations[0].balances[1] - latest.state.allocations[0].balances[1]
+        assert paid == 111, f"pays of 1 + 10 + 100 moved {paid}"

@@ -2056,3 +2056,125 @@ def _last_burned_cosigned(link: Link) -> SignedState:
     return SignedState(
         state=f.proposal.state, signatures=(f.proposal.signature, link.b.signer.sign(digest))
     )
+
+
+def _cosign_in_private(link: Link, index: int = 0) -> SignedState:
+    """Bob countersigns alice's ``index``-th queued proposal and says nothing."""
+    p = link.a.outbox.pop(index)
+    assert isinstance(p, Propose)
+    digest = state_digest(link.params, p.state)
+    return SignedState(state=p.state, signatures=(p.signature, link.b.signer.sign(digest)))
+
+
+def _notes(outs: list[Output]) -> list[tuple[str, int, bool]]:
+    return [
+        ("accepted", o.update_id, o.revived)
+        if isinstance(o, NotifyAccepted)
+        else ("rejected", o.update_id, o.retryable)
+        for o in outs
+        if isinstance(o, NotifyAccepted | NotifyRejected)
+    ]
+
+
+def test_a_revived_update_is_reported_only_once_nothing_burned_can_undo_it() -> None:
+    """Alice pays 10 (A, v1); bob countersigns it in private and refuses it.  Alice
+    pays 3 (B, v2 on v0); bob keeps that one too, unanswered.  Bob's Sync brings v1:
+    A is made, but v2 (B without A) is burned and newer, so A is held, not reported.
+    His next Sync brings v2: A is undone (reported, retryable: it is not in the state)
+    and B is made.  Reporting A at the first Sync would have told its caller a pay was
+    made that the channel then dropped."""
+    link = Link()
+    link.open()
+    a = link.a
+    link.propose(a, 10)
+    upd_a = link.next_update_id - 1
+    kept_a = _countersign_and_reject(link, f"{REASON_CONFLICT}: the peer's proposal won")
+    link.propose(a, 3)
+    upd_b = link.next_update_id - 1
+    kept_b = _cosign_in_private(link)
+    outs = _revive(link, kept_a)
+    assert a.m.latest == kept_a
+    assert ("accepted", upd_a, True) not in _notes(outs), "A reported while v2 could undo it"
+    assert _notes(outs) == [("rejected", upd_b, True)]  # B's v2 was built on v0: superseded
+    outs = _revive(link, kept_b)
+    assert a.m.latest == kept_b and _paid_by_alice(link) == 3
+    assert _notes(outs) == [("rejected", upd_a, True), ("accepted", upd_b, True)]
+    assert not a.m.held and a.m.content is None  # nothing burned is left: tracking stops
+
+
+def test_a_held_update_is_reported_when_the_next_state_is_co_signed() -> None:
+    """As above up to the first Sync; then alice pays 1 (C, built on v1, above every
+    burned version) and bob countersigns it honestly: nothing can undo A any more, and
+    A is reported made with C's state, which holds it."""
+    link = Link()
+    link.open()
+    a = link.a
+    link.propose(a, 10)
+    upd_a = link.next_update_id - 1
+    kept_a = _countersign_and_reject(link, f"{REASON_CONFLICT}: the peer's proposal won")
+    link.propose(a, 3)
+    _cosign_in_private(link)
+    _revive(link, kept_a)
+    assert upd_a in a.m.held
+    link.disconnect()
+    link.reconnect()
+    link.deliver_all()
+    link.propose(a, 1)
+    upd_c = link.next_update_id - 1
+    before = len(a.outputs)
+    link.deliver_all()
+    notes = _notes(a.outputs[before:])
+    assert ("accepted", upd_c, False) in notes and ("accepted", upd_a, True) in notes
+    assert _paid_by_alice(link) == 11 and not a.m.held
+
+
+def test_a_retry_of_an_update_the_latest_state_holds_is_answered_not_signed() -> None:
+    """The update's proposal came back co-signed before the client retried it: the retry
+    (same update id) is answered as made, and nothing is signed."""
+    link = Link()
+    link.open()
+    a = link.a
+    link.propose(a, 10)
+    uid = link.next_update_id - 1
+    kept = _countersign_and_reject(link, f"{REASON_CONFLICT}: x")
+    _revive(link, kept)
+    tip = a.m.tip()
+    outs = link.handle(
+        a, ActionPropose(update_id=uid, allocations=transfer(tip, 0, 10), base_version=tip.version)
+    )
+    assert not [o for o in outs if isinstance(o, PersistProposal)]
+    assert _notes(outs) == [("accepted", uid, True)]
+    assert _paid_by_alice(link) == 10
+
+
+def test_a_late_accept_for_a_refused_proposal_is_adopted() -> None:
+    """Bob refuses alice's v1, then sends an ``Accept`` for it after all: he holds it
+    co-signed, so alice adopts it (as from a Sync) and reports the update made."""
+    link = Link()
+    link.open()
+    link.propose(link.a, 10)
+    uid = link.next_update_id - 1
+    kept = _countersign_and_reject(link, "no")
+    late = Accept(channel_id=link.params.channel_id, version=1, signature=kept.signatures[1] or b"")
+    outs = link.handle(link.a, ReceiveAccept(late))
+    assert link.a.m.latest == kept and _paid_by_alice(link) == 10
+    assert _notes(outs) == [("accepted", uid, True)]
+    assert not link.a.errors()
+
+
+def test_a_revived_state_of_no_proposal_of_this_run_is_reported() -> None:
+    """A refused proposal that the machine no longer knows (it restarted from its store
+    since) comes back co-signed: adopted, and reported as update 0, for the client to
+    warn that an update reported rejected is made after all."""
+    link = Link()
+    link.open()
+    link.propose(link.a, 10)
+    kept = _countersign_and_reject(link, "no")
+    m = link.a.m
+    restarted = ChannelMachine(
+        params=m.params, me=0, sign=link.a.signer.sign, latest=m.latest, max_signed=m.max_signed
+    )
+    link.a.machine = restarted
+    outs = _revive(link, kept)
+    assert restarted.latest == kept
+    assert [(o.update_id, o.revived) for o in outs if isinstance(o, NotifyAccepted)] == [(0, True)]
