@@ -2076,6 +2076,20 @@ def _notes(outs: list[Output]) -> list[tuple[str, int, bool]]:
     ]
 
 
+def _two_kept_in_private() -> tuple[Link, tuple[int, SignedState], tuple[int, SignedState]]:
+    """Alice pays 10 (A, v1), which bob countersigns in private and refuses as a
+    conflict, then 3 (B, v2 on v0), which bob countersigns in private and leaves
+    unanswered: the link and each update's id with bob's co-signed copy."""
+    link = Link()
+    link.open()
+    link.propose(link.a, 10)
+    upd_a = link.next_update_id - 1
+    kept_a = _countersign_and_reject(link, f"{REASON_CONFLICT}: the peer's proposal won")
+    link.propose(link.a, 3)
+    upd_b = link.next_update_id - 1
+    return link, (upd_a, kept_a), (upd_b, _cosign_in_private(link))
+
+
 def test_a_revived_update_is_reported_only_once_nothing_burned_can_undo_it() -> None:
     """Alice pays 10 (A, v1); bob countersigns it in private and refuses it.  Alice
     pays 3 (B, v2 on v0); bob keeps that one too, unanswered.  Bob's Sync brings v1:
@@ -2083,15 +2097,8 @@ def test_a_revived_update_is_reported_only_once_nothing_burned_can_undo_it() -> 
     His next Sync brings v2: A is undone (reported, retryable: it is not in the state)
     and B is made.  Reporting A at the first Sync would have told its caller a pay was
     made that the channel then dropped."""
-    link = Link()
-    link.open()
+    link, (upd_a, kept_a), (upd_b, kept_b) = _two_kept_in_private()
     a = link.a
-    link.propose(a, 10)
-    upd_a = link.next_update_id - 1
-    kept_a = _countersign_and_reject(link, f"{REASON_CONFLICT}: the peer's proposal won")
-    link.propose(a, 3)
-    upd_b = link.next_update_id - 1
-    kept_b = _cosign_in_private(link)
     outs = _revive(link, kept_a)
     assert a.m.latest == kept_a
     assert ("accepted", upd_a, True) not in _notes(outs), "A reported while v2 could undo it"
@@ -2106,14 +2113,8 @@ def test_a_held_update_is_reported_when_the_next_state_is_co_signed() -> None:
     """As above up to the first Sync; then alice pays 1 (C, built on v1, above every
     burned version) and bob countersigns it honestly: nothing can undo A any more, and
     A is reported made with C's state, which holds it."""
-    link = Link()
-    link.open()
+    link, (upd_a, kept_a), _ = _two_kept_in_private()
     a = link.a
-    link.propose(a, 10)
-    upd_a = link.next_update_id - 1
-    kept_a = _countersign_and_reject(link, f"{REASON_CONFLICT}: the peer's proposal won")
-    link.propose(a, 3)
-    _cosign_in_private(link)
     _revive(link, kept_a)
     assert upd_a in a.m.held
     link.disconnect()
