@@ -426,7 +426,7 @@ class Client(ChannelTable):
             return f"channel is {ch.status}"
         if self.user_policy is not None:
             return ask_policy(self.user_policy, params, old, new)
-        return None
+        return default_policy(params.participants.index(self.address), old, new)
 
     async def wait_connected(self, node_id: bytes) -> None:
         """Wait until a connection to ``node_id`` is up (use a cancel scope to bound it)."""
@@ -554,6 +554,26 @@ class Client(ChannelTable):
         await trio.lowlevel.checkpoint()
 
 
+def default_policy(me: int, old: State, new: State) -> str | None:
+    """The acceptance policy of a client given none: a peer's proposal may add to our
+    side and nothing else.  It is refused if it lowers our balance of any asset or
+    changes a locked amount (those move under an app's own policy): a counterparty
+    pays us, it never takes from us without our policy saying so."""
+    for a in new.allocations:
+        try:
+            before = old.allocation(a.asset)
+        except KeyError:
+            return f"no policy set, and the proposal adds asset 0x{a.asset.hex()}"
+        if a.balances[me] < before.balances[me]:
+            return (
+                f"no policy set, and the proposal takes {before.balances[me] - a.balances[me]}"
+                f" of asset 0x{a.asset.hex()} from us"
+            )
+        if a.locked != before.locked:
+            return f"no policy set, and the proposal changes the locked 0x{a.asset.hex()}"
+    return None
+
+
 @asynccontextmanager
 async def open_client(
     signer: Signer,
@@ -656,5 +676,6 @@ __all__ = [
     "StateListener",
     "Update",
     "UpdateFn",
+    "default_policy",
     "open_client",
 ]

@@ -160,6 +160,16 @@ def admit_channel(params: Params, initial: State) -> str | None:
     return None
 
 
+def takes_the_trade(params: Params, latest: State, proposed: State) -> str | None:
+    """The taker's policy: it sells 10**15 wei for no less than 2 USDC (the default one
+    refuses any proposal that lowers one of its balances, a trade too)."""
+    (eth0, usdc0), (eth1, usdc1) = latest.allocations, proposed.allocations
+    sold, got = eth0.balances[1] - eth1.balances[1], usdc1.balances[1] - usdc0.balances[1]
+    if got < 0 or (sold > 0 and got * 10**15 < 2_000_000 * sold):
+        return "not at 2 USDC per 10**15 wei"
+    return None
+
+
 def buy_back_eth(tip: State) -> Update:
     """The example's ``my_update_fn``: we (participant 0) buy 10**15 wei for 2 USDC."""
     eth, usdc = tip.allocations
@@ -200,7 +210,7 @@ async def test_api_md_trades_and_settles_on_a_real_chain(
                 rpc, adjudicator, submitter, from_block=deploy_block
             )
             async with (
-                open_client(taker_key, tmp_path / "taker.sqlite") as taker,
+                open_client(taker_key, tmp_path / "taker.sqlite", policy=takes_the_trade) as taker,
                 open_client(funder_key, tmp_path / "funder.sqlite", require_funding=True) as funder,
                 trio.open_nursery() as nursery,
             ):

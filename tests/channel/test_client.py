@@ -1363,3 +1363,46 @@ async def test_a_revived_pay_over_an_older_one_in_flight_is_made_once(tmp_path: 
         assert latest is not None
         paid = start.state.allocations[0].balances[1] - latest.state.allocations[0].balances[1]
         assert paid == 111, f"pays of 1 + 10 + 100 moved {paid}"
+
+
+async def test_without_a_policy_a_peer_may_pay_us_but_never_take_from_us(
+    tmp_path: Path,
+) -> None:
+    """A client given no policy refuses a peer's proposal that lowers its balance (or
+    moves a locked amount), with a reason, and countersigns one that pays it."""
+    async with alice_and_a_raw_bob(tmp_path) as (alice, conn, bob_key, cid):
+        params = alice.params(cid)
+        latest = alice.latest(cid)
+        assert latest is not None
+        a0 = latest.state.allocations[0]
+        v = max(latest.state.version, alice._channels[cid].machine.max_signed) + 1
+
+        def proposal(balances: tuple[int, int], locked: int = 0) -> Propose:
+            state = attrs.evolve(
+                latest.state,
+                version=v,
+                allocations=(attrs.evolve(a0, balances=balances, locked=locked),),
+            )
+            sig = bob_key.sign(state_digest(params, state))
+            return Propose(base_version=latest.state.version, state=state, signature=sig)
+
+        takes = proposal((a0.balances[0] + 5, a0.balances[1] - 5))
+        await conn.send(codec.encode(takes))
+        refusal = await _refusal(conn)
+        assert isinstance(refusal, Reject) and "takes 5" in refusal.reason
+        locks = proposal((a0.balances[0] - 4, a0.balances[1]), locked=4)
+        await conn.send(codec.encode(locks))
+        refusal = await _refusal(conn)
+        assert isinstance(refusal, Reject) and "locked" in refusal.reason
+        assert alice.latest(cid) == latest
+        pays = proposal((a0.balances[0] - 5, a0.balances[1] + 5))
+        await conn.send(codec.encode(pays))
+        with trio.fail_after(5):
+            while True:
+                msg = codec.decode(await conn.receive())
+                if isinstance(msg, codec.Accept):
+                    break
+        assert msg.version == v
+        await alice.drain()
+        now = alice.latest(cid)
+        assert now is not None and now.state == pays.state

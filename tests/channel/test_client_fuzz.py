@@ -60,7 +60,7 @@ from test_client import (
 )
 
 from channel import codec, errors, noise
-from channel.client import Client, open_client
+from channel.client import Client, default_policy, open_client
 from channel.codec import Accept, Error, Open, Propose, Reject, Sync
 from channel.eip712 import state_digest
 from channel.errors import (
@@ -205,6 +205,8 @@ class Fuzzer(Forger):
             and not view.busy
             and p.base_version == tip.version
             and state.version > max_signed
+            # bob has no policy: the default one refuses what takes from him
+            and default_policy(1, view.latest, state) is None
         )
         if valid:
             self.model[state.channel_id] = (state.version, state.version)
