@@ -135,11 +135,14 @@ async def test_guard_refutes_a_stale_claim_and_settles_by_the_latest(tmp_path: P
             before = await env["backend"].balance(alice.address)
             await env["control"].increase_time(WINDOW + 1)
             await env["control"].mine(1)
+            # The guard marks the channel closed when it sees the Concluded event, which
+            # may come before its own settle() has returned: wait for both.
+            settled = ("settle", cid, latest.state.version)
             with trio.fail_after(20):
-                while alice.status(cid) != CLOSED:  # noqa: ASYNC110 - chain polling
+                while alice.status(cid) != CLOSED or settled not in guard.actions:  # noqa: ASYNC110
                     await trio.sleep(0.05)
             n.cancel_scope.cancel()
-        assert ("settle", cid, latest.state.version) in guard.actions
+        assert settled in guard.actions
         paid = await env["backend"].balance(alice.address) - before
         assert paid == latest.state.allocations[0].balances[0]
         assert not guard.alerts
