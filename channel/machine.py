@@ -462,7 +462,7 @@ class ChannelMachine:
         countersigned what it refused, and the state is adopted as from a ``Sync``."""
         cid = self.params.channel_id.hex()[:16]
         burned = next((f for f in self.burned if f.proposal.state.version == a.version), None)
-        if burned is None or self.latest is None:
+        if burned is None or self.latest is None or a.version <= self.latest.state.version:
             return [
                 NotifyProtocolError(
                     error=StaleVersion(
@@ -480,11 +480,12 @@ class ChannelMachine:
             return [NotifyProtocolError(error=err)]
 
     def prune_burned(self) -> None:
-        """Forget the burned proposals at or below the latest version: a ``Sync`` adopts
-        only a newer state, so none of them can come back."""
+        """Forget the burned proposals at or below the latest version: only a newer state
+        is ever adopted, so none of them can come back.  (The list is not in version
+        order: a pipelined proposal may burn after a later one.)"""
         if self.burned and self.latest is not None:
             v = self.latest.state.version
-            if self.burned[0].proposal.state.version <= v:
+            if any(f.proposal.state.version <= v for f in self.burned):
                 self.burned = [f for f in self.burned if f.proposal.state.version > v]
 
     def _drop_from(

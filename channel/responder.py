@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 REASON_CONFLICT = ProposalConflict.__name__
 
 
-def _reject(m: ChannelMachine, state: State, digest: bytes, err: ChannelError) -> list[Output]:
+def reject(m: ChannelMachine, state: State, digest: bytes, err: ChannelError) -> list[Output]:
     reason = f"{type(err).__name__}: {err}"[: codec.MAX_REASON]
     return [
         SendMessage(
@@ -77,7 +77,7 @@ def on_propose(m: ChannelMachine, ev: ReceivePropose) -> list[Output]:
     if err is not None:
         # What was checked before stays accepted: its Accept goes first.
         done = on_countersign(m) if m.deferred else []
-        return [*done, *_reject(m, state, digest, err)]
+        return [*done, *reject(m, state, digest, err)]
     out: list[Output] = []
     if m.pending:  # we yield: our crossing proposals are dead, theirs wins
         out = m._drop_from(0, f"{REASON_CONFLICT}: the peer's proposal won", True)
@@ -108,7 +108,7 @@ def on_countersign(m: ChannelMachine, ev: ActionCountersign | None = None) -> li
             break
         except InvalidSignature as err:
             m.deferred.pop()
-            bad[:0] = _reject(m, p.state, digest, err)  # oldest first
+            bad[:0] = reject(m, p.state, digest, err)  # oldest first
     if not m.deferred:
         return bad
     p, digest = m.deferred[-1]

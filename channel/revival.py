@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from channel import responder
 from channel.eip712 import state_digest
-from channel.errors import InvalidSignature
+from channel.errors import InvalidSignature, StaleVersion
 from channel.events import (
     InFlight,
     NotifyAccepted,
@@ -100,12 +101,27 @@ def adopt(m: ChannelMachine, theirs: SignedState) -> list[Output]:
     """Make ``theirs``, a co-signed state newer than our latest that the peer brought (in
     a ``Sync``, or an ``Accept`` for a burned proposal), our latest, and settle our
     proposals by it.  Raises ``ChannelError`` (nothing changed) if it does not check."""
+    v = theirs.state.version
+    if m.latest is not None and v <= m.latest.state.version:
+        raise StaleVersion(f"v{v} is not above our latest v{m.latest.state.version}")
     check_cosigned(m, theirs)
     content = track(m)
-    v = theirs.state.version
+    # The peer's proposals we checked against the latest this replaces: refused (it
+    # sends them again, built on what it co-signed, or they were never ours to sign).
+    stale, m.deferred = m.deferred, []
+    refused: list[Output] = []
+    for p, digest in stale:
+        refused.extend(
+            responder.reject(
+                m,
+                p.state,
+                digest,
+                StaleVersion(f"v{p.state.version} was built on v{p.base_version}, now v{v}"),
+            )
+        )
     m.latest = theirs
     m.max_signed = max(m.max_signed, v)
-    out: list[Output] = [PersistLatest(params=m.params, signed=theirs)]
+    out: list[Output] = [PersistLatest(params=m.params, signed=theirs), *refused]
     have = content.get(v)
     if have is None:
         # None of our proposals of this run (one refused before a restart): no update to
@@ -127,7 +143,6 @@ def adopt(m: ChannelMachine, theirs: SignedState) -> list[Output]:
                     retryable=True,
                 )
             )
-    m.burned.extend(f for f in settled if f.update_id not in have)
     # The updates it makes that were not reported made: awaited, or reported refused.
     versions = {f.update_id: f.proposal.state.version for f in (*m.burned, *settled)}
     for uid in sorted(have - m.reported - m.held.keys()):
@@ -180,8 +195,16 @@ def after_latest(m: ChannelMachine) -> list[Output]:
     if not m.burned and not m.held:
         m.content = None  # nothing can come back: stop tracking
         m.reported = set()
-    else:
-        m.content = {k: c for k, c in m.content.items() if k >= v}
+        return out
+    content = {k: c for k, c in m.content.items() if k >= v}
+    # What every state still tracked holds, and was reported, need not be tracked: a
+    # peer that keeps one proposal burned at all times would else grow every set (and
+    # each new proposal's copy of one) by every update.
+    common = frozenset.intersection(*content.values()) - m.held.keys()
+    if common:
+        content = {k: c - common for k, c in content.items()}
+        m.reported -= common
+    m.content = content
     return out
 
 

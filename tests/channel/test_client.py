@@ -1406,3 +1406,52 @@ async def test_without_a_policy_a_peer_may_pay_us_but_never_take_from_us(
         await alice.drain()
         now = alice.latest(cid)
         assert now is not None and now.state == pays.state
+
+
+async def test_a_late_accept_behind_a_stale_proposal_of_the_peer_keeps_the_pay(
+    tmp_path: Path,
+) -> None:
+    """Bob refuses alice's pay of 10 for good, then in one write sends a proposal of his
+    built on the state before it (paying alice 1, which her policy, judging it against
+    that state, allows) and a late Accept for the refused pay.  ``pay`` returns the
+    revived state, and bob's proposal is refused: countersigned on top, it made alice's
+    latest lack the pay her caller was told is made."""
+    async with alice_and_a_raw_bob(tmp_path, update_timeout=3) as (alice, conn, bob_key, cid):
+        params = alice.params(cid)
+        start = alice.latest(cid)
+        assert start is not None
+        returned: list[SignedState] = []
+
+        async def pays() -> None:
+            returned.append(await alice.pay(cid, ETH, 10))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(pays)
+            p = await _next_proposal(conn)
+            kept = _bobs_copy(params, bob_key, p)
+            a0 = start.state.allocations[0]
+            stale_state = attrs.evolve(
+                start.state,
+                version=p.state.version + 1,
+                allocations=(attrs.evolve(a0, balances=(a0.balances[0] - 1, a0.balances[1] + 1)),),
+            )
+            stale = Propose(
+                base_version=start.state.version,
+                state=stale_state,
+                signature=bob_key.sign(state_digest(params, stale_state)),
+            )
+            late = codec.Accept(
+                channel_id=cid, version=p.state.version, signature=kept.signatures[0] or b""
+            )
+            await conn.send_many(
+                [
+                    _reject(params, p, "over the risk limit"),
+                    codec.encode(stale),
+                    codec.encode(late),
+                ]
+            )
+            refusal = await _refusal(conn)
+            assert isinstance(refusal, Reject) and refusal.version == stale_state.version
+        assert returned == [kept]
+        await alice.drain()
+        assert alice.latest(cid) == kept

@@ -2179,3 +2179,98 @@ def test_a_revived_state_of_no_proposal_of_this_run_is_reported() -> None:
     outs = _revive(link, kept)
     assert restarted.latest == kept
     assert [(o.update_id, o.revived) for o in outs if isinstance(o, NotifyAccepted)] == [(0, True)]
+
+
+def _reject_msg(link: Link, p: Propose, reason: str) -> ReceiveReject:
+    digest = state_digest(link.params, p.state)
+    return ReceiveReject(
+        Reject(
+            channel_id=link.params.channel_id,
+            version=p.state.version,
+            state_hash=digest,
+            reason=reason,
+        )
+    )
+
+
+def _late_accept(link: Link, p: Propose) -> ReceiveAccept:
+    sig = link.b.signer.sign(state_digest(link.params, p.state))
+    cid = link.params.channel_id
+    return ReceiveAccept(Accept(channel_id=cid, version=p.state.version, signature=sig))
+
+
+def test_a_late_accept_never_takes_the_latest_state_back() -> None:
+    """Alice pipelines v1 (pay 1), v2, v3; bob refuses v3, then v1 (v2 burns with it, so
+    the burned list is v3, v1, v2: not in version order), then sends late Accepts for v2
+    and for v1.  v2 is adopted; v1 is older than that and is refused, and the retry of
+    pay 1, which v2 holds, is answered without signing (adopting v1 reported pays 1 and
+    10 undone, and the retry made pay 1 twice)."""
+    link = Link()
+    link.open()
+    a = link.a
+    for amount in (1, 10, 100):
+        link.propose(a, amount)
+    props = [m for m in a.outbox if isinstance(m, Propose)]
+    a.outbox.clear()
+    first = link.next_update_id - 3
+    link.handle(a, _reject_msg(link, props[2], "no"))
+    link.handle(a, _reject_msg(link, props[0], f"{REASON_CONFLICT}: x"))
+    link.handle(a, _late_accept(link, props[1]))
+    assert a.m.latest is not None and a.m.latest.state == props[1].state
+    assert all(f.proposal.state.version > 2 for f in a.m.burned)
+    outs = link.handle(a, _late_accept(link, props[0]))
+    assert a.m.latest.state == props[1].state
+    assert [type(e) for e in a.errors()][-1:] == [StaleVersion]
+    assert not [o for o in outs if isinstance(o, NotifyRejected)]
+    tip = a.m.tip()
+    outs = link.handle(
+        a, ActionPropose(update_id=first, allocations=transfer(tip, 0, 1), base_version=tip.version)
+    )
+    assert not [o for o in outs if isinstance(o, PersistProposal)]
+    assert _paid_by_alice(link) == 11
+
+
+def test_a_revived_state_refuses_the_peer_proposals_checked_against_the_old_latest() -> None:
+    """Defer mode (the client's): bob's proposal on v0 is checked and held, then his late
+    Accept for alice's refused v1 makes v1 the latest.  The held proposal was judged
+    against v0 and built on it: it is refused, never countersigned on top of v1 (which
+    dropped alice's pay from the state her caller was told holds it)."""
+    link = Link(defer=True)
+    link.open()
+    a, b = link.a, link.b
+    v0 = a.m.tip()
+    link.propose(a, 10)
+    uid = link.next_update_id - 1
+    kept = _countersign_and_reject(link, "no")
+    p = forge(link, b.signer, 0, next_state(v0, 2, payer=1, amount=1))
+    link.handle(a, ReceivePropose(p))
+    assert a.m.deferred
+    late = Accept(channel_id=link.params.channel_id, version=1, signature=kept.signatures[1] or b"")
+    outs = link.handle(a, ReceiveAccept(late))
+    assert not a.m.deferred
+    refused = [o.msg for o in outs if isinstance(o, SendMessage) and isinstance(o.msg, Reject)]
+    assert [r.version for r in refused] == [2]
+    link.handle(a, ActionCountersign())
+    assert a.m.latest == kept and _paid_by_alice(link) == 10
+    assert ("accepted", uid, True) in _notes(outs)
+
+
+def test_a_peer_that_keeps_a_proposal_burned_does_not_grow_the_tracking() -> None:
+    """Each round bob refuses alice's second pipelined proposal and then accepts the
+    first: one proposal stays burned above the latest at all times, so tracking stays
+    on; what every tracked state holds is dropped from it, so its sets stay small
+    (they grew by every update, and each new proposal copied one)."""
+    link = Link(window_a=64, balances=(10**9, 10**9))
+    link.open()
+    a = link.a
+    for _ in range(300):
+        link.propose(a, 1)
+        link.propose(a, 1)
+        p1, p2 = a.outbox.pop(0), a.outbox.pop(0)
+        assert isinstance(p1, Propose) and isinstance(p2, Propose)
+        link.handle(a, _reject_msg(link, p2, "no"))
+        link.handle(a, _late_accept(link, p1))
+    content = a.m.content
+    assert content is not None and len(content) <= 4
+    assert max(len(c) for c in content.values()) <= 2 and len(a.m.reported) <= 2
+    assert _paid_by_alice(link) == 300
