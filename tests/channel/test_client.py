@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -1294,22 +1294,39 @@ async def test_a_refused_pay_whose_proposal_comes_back_in_the_same_read_returns_
     bringing that very proposal co-signed: the pay is made, so ``pay`` returns the state
     (it raised ``UpdateRejected`` for a pay that was made, with no warning)."""
     async with alice_and_a_raw_bob(tmp_path, update_timeout=3) as (alice, conn, bob_key, cid):
-        params = alice.params(cid)
-        start = alice.latest(cid)
-        assert start is not None
-        returned: list[SignedState] = []
 
-        async def pays() -> None:
-            returned.append(await alice.pay(cid, ETH, 10))
-
-        async with trio.open_nursery() as n:
-            n.start_soon(pays)
-            p = await _next_proposal(conn)
-            kept = _bobs_copy(params, bob_key, p)
+        async def respond(p: Propose, kept: SignedState, start: SignedState) -> None:
             sync = codec.encode(codec.Sync(latest=kept, max_signed=p.state.version, pending=()))
-            await conn.send_many([_reject(params, p, "over the risk limit"), sync])
+            await conn.send_many([_reject(alice.params(cid), p, "over the risk limit"), sync])
+
+        returned, kept = await _a_pay_bob_answers(alice, conn, bob_key, cid, respond)
         assert returned == [kept]
         assert alice.latest(cid) == kept
+
+
+async def _a_pay_bob_answers(
+    alice: Client,
+    conn: Connection,
+    bob_key: Signer,
+    cid: bytes,
+    respond: Callable[[Propose, SignedState, SignedState], Awaitable[None]],
+) -> tuple[list[SignedState], SignedState]:
+    """Alice pays 10; bob (raw) countersigns her proposal in private and answers with
+    ``respond(proposal, his co-signed copy, the state before)``: what ``pay`` returned,
+    and bob's copy."""
+    start = alice.latest(cid)
+    assert start is not None
+    returned: list[SignedState] = []
+
+    async def pays() -> None:
+        returned.append(await alice.pay(cid, ETH, 10))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(pays)
+        p = await _next_proposal(conn)
+        kept = _bobs_copy(alice.params(cid), bob_key, p)
+        await respond(p, kept, start)
+    return returned, kept
 
 
 async def test_a_revived_pay_over_an_older_one_in_flight_is_made_once(tmp_path: Path) -> None:
@@ -1418,17 +1435,8 @@ async def test_a_late_accept_behind_a_stale_proposal_of_the_peer_keeps_the_pay(
     latest lack the pay her caller was told is made."""
     async with alice_and_a_raw_bob(tmp_path, update_timeout=3) as (alice, conn, bob_key, cid):
         params = alice.params(cid)
-        start = alice.latest(cid)
-        assert start is not None
-        returned: list[SignedState] = []
 
-        async def pays() -> None:
-            returned.append(await alice.pay(cid, ETH, 10))
-
-        async with trio.open_nursery() as n:
-            n.start_soon(pays)
-            p = await _next_proposal(conn)
-            kept = _bobs_copy(params, bob_key, p)
+        async def respond(p: Propose, kept: SignedState, start: SignedState) -> None:
             a0 = start.state.allocations[0]
             stale_state = attrs.evolve(
                 start.state,
@@ -1452,6 +1460,8 @@ async def test_a_late_accept_behind_a_stale_proposal_of_the_peer_keeps_the_pay(
             )
             refusal = await _refusal(conn)
             assert isinstance(refusal, Reject) and refusal.version == stale_state.version
+
+        returned, kept = await _a_pay_bob_answers(alice, conn, bob_key, cid, respond)
         assert returned == [kept]
         await alice.drain()
         assert alice.latest(cid) == kept
