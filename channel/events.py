@@ -111,6 +111,16 @@ class PersistLatest:
 
 
 @attrs.frozen(kw_only=True)
+class PersistRevived:
+    """The latest co-signed state (just persisted) is a proposal of ours the peer refused
+    and brought back (``channel.revival``): marked, so that a restart can warn while it
+    is still the latest (updates it held but had not reported then never are)."""
+
+    params: Params
+    version: int
+
+
+@attrs.frozen(kw_only=True)
 class PersistDropProposals:
     """Our in-flight proposals from ``from_version`` on are dead (their versions stay burned)."""
 
@@ -167,6 +177,7 @@ Output: TypeAlias = (
     PersistProposal
     | PersistLatest
     | PersistDropProposals
+    | PersistRevived
     | SendMessage
     | NotifyAccepted
     | NotifyRejected

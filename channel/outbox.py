@@ -36,6 +36,7 @@ from channel.machine import (
     PersistDropProposals,
     PersistLatest,
     PersistProposal,
+    PersistRevived,
     SendMessage,
 )
 from channel.store import Plan, Store, StoreOp
@@ -230,7 +231,9 @@ class Outbox:
             return  # e.g. a proposal held for countersigning: nothing for the flusher
         epoch = self.links.epoch(peer)
         for out in outputs:
-            if isinstance(out, PersistProposal | PersistLatest | PersistDropProposals):
+            if isinstance(
+                out, PersistProposal | PersistLatest | PersistDropProposals | PersistRevived
+            ):
                 self.ops.append(out)
             elif isinstance(out, SendMessage):
                 self.sends.append((peer, epoch, codec.encode(out.msg)))

@@ -9,6 +9,8 @@ Proposing, receiving and the outbox's rule (persist, send, notify) stay in the c
 
 from __future__ import annotations
 
+import logging
+
 import attrs
 
 from channel.errors import LocalProtocolError
@@ -20,6 +22,8 @@ from channel.outbox import Outbox
 from channel.state import Params, SignedState
 from channel.store import PersistPeerAddress, PersistStatus, Store
 from channel.transport import PeerAddress
+
+log = logging.getLogger("optichannel.client")
 
 
 @attrs.frozen(kw_only=True)
@@ -107,6 +111,14 @@ class ChannelTable:
 
     def _load(self) -> None:
         for rec in self.store.load():
+            if rec.revived and rec.latest is not None:
+                log.warning(
+                    "channel %s: the latest state v%d is a proposal of ours the peer "
+                    "refused and brought back co-signed: an update reported rejected may "
+                    "be made in it (check latest())",
+                    rec.params.channel_id.hex()[:16],
+                    rec.latest.state.version,
+                )
             pending = [attrs.evolve(f, update_id=self._new_update_id()) for f in rec.in_flight]
             machine = ChannelMachine(
                 params=rec.params,

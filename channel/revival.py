@@ -33,6 +33,7 @@ from channel.events import (
     NotifyRejected,
     Output,
     PersistLatest,
+    PersistRevived,
 )
 from channel.keys import verify
 from channel.limits import MAX_BURNED
@@ -121,7 +122,11 @@ def adopt(m: ChannelMachine, theirs: SignedState) -> list[Output]:
         )
     m.latest = theirs
     m.max_signed = max(m.max_signed, v)
-    out: list[Output] = [PersistLatest(params=m.params, signed=theirs), *refused]
+    out: list[Output] = [
+        PersistLatest(params=m.params, signed=theirs),
+        PersistRevived(params=m.params, version=v),
+        *refused,
+    ]
     have = content.get(v)
     if have is None:
         # None of our proposals of this run (one refused before a restart): no update to

@@ -52,7 +52,7 @@ from channel.storeplan import (
     build_plan,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: A WAL that grew past this (a checkpoint held back by a long read) is cut back to it
 #: when it starts over; below it, the file is reused, never shrunk (see ``checkpoint``).
@@ -88,6 +88,8 @@ _MIGRATIONS: dict[int, list[str]] = {
         ) WITHOUT ROWID""",
         "CREATE INDEX states_in_flight ON states (channel_id, status, version)",
     ],
+    # The latest version a refused proposal of ours came back at (``PersistRevived``).
+    2: ["ALTER TABLE channels ADD COLUMN revived_version INTEGER"],
 }
 
 
@@ -103,6 +105,8 @@ class ChannelRecord:
     max_signed: int
     in_flight: tuple[InFlight, ...]
     status: str
+    #: The latest state is a proposal of ours the peer refused and brought back.
+    revived: bool = False
 
 
 class Store:
@@ -304,9 +308,9 @@ class Store:
         out = []
         rows = self._db.execute(
             "SELECT channel_id, params, me, peer_node_id, peer_addr, latest_version, "
-            "max_signed, status FROM channels ORDER BY created_at, channel_id"
+            "max_signed, status, revived_version FROM channels ORDER BY created_at, channel_id"
         ).fetchall()
-        for cid, params_blob, me, peer, addr, latest_v, max_signed, status in rows:
+        for cid, params_blob, me, peer, addr, latest_v, max_signed, status, revived_v in rows:
             params = codec.params_from_wire(cbor2.loads(params_blob))
             latest = None
             if latest_v is not None:
@@ -337,6 +341,7 @@ class Store:
                     max_signed=max_signed,
                     in_flight=in_flight,
                     status=status,
+                    revived=latest_v is not None and revived_v == latest_v,
                 )
             )
         return out

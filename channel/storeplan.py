@@ -25,6 +25,7 @@ from channel.machine import (
     PersistDropProposals,
     PersistLatest,
     PersistProposal,
+    PersistRevived,
 )
 from channel.state import Params, State
 
@@ -65,6 +66,7 @@ StoreOp: TypeAlias = (
     | PersistProposal
     | PersistLatest
     | PersistDropProposals
+    | PersistRevived
 )
 
 
@@ -176,6 +178,13 @@ def _put_channel(op: PersistChannel, batch: _Batch) -> Step:
 
 def _put_status(op: PersistStatus, batch: _Batch) -> Step:
     return _sql("UPDATE channels SET status=? WHERE channel_id=?", (op.status, op.channel_id))
+
+
+def _put_revived(op: PersistRevived, batch: _Batch) -> Step:
+    return _sql(
+        "UPDATE channels SET revived_version=? WHERE channel_id=?",
+        (op.version, op.params.channel_id),
+    )
 
 
 def _put_peer_addr(op: PersistPeerAddress, batch: _Batch) -> Step:
@@ -475,6 +484,7 @@ _APPLY: dict[type, Callable[[Any, _Batch], Step]] = {
     PersistPeerAddress: _put_peer_addr,
     PersistLatest: _put_latest,
     PersistDropProposals: _drop_proposals,
+    PersistRevived: _put_revived,
 }
 
 _INSERT, _COMPLETE = object(), object()

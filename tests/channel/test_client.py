@@ -1465,3 +1465,39 @@ async def test_a_late_accept_behind_a_stale_proposal_of_the_peer_keeps_the_pay(
         assert returned == [kept]
         await alice.drain()
         assert alice.latest(cid) == kept
+
+
+async def test_a_restart_on_a_revived_latest_state_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bob refuses alice's pay for good (``UpdateRejected``) and later brings it back
+    co-signed: alice warns at once, and again when she restarts while that state is
+    still her latest (the store marks it), since what it held may never have been
+    reported to a caller."""
+    async with alice_and_a_raw_bob(tmp_path, update_timeout=3) as (alice, conn, bob_key, cid):
+        params = alice.params(cid)
+        signer = alice.signer
+
+        async with trio.open_nursery() as n:
+
+            async def refused_pay() -> None:
+                with pytest.raises(UpdateRejected):
+                    await alice.pay(cid, ETH, 10)
+
+            n.start_soon(refused_pay)
+            p = await _next_proposal(conn)
+            await conn.send(_reject(params, p, "over the risk limit"))
+        kept = _bobs_copy(params, bob_key, p)
+        with caplog.at_level(logging.WARNING, logger="optichannel.client"):
+            await conn.send(
+                codec.encode(codec.Sync(latest=kept, max_signed=p.state.version, pending=()))
+            )
+            with trio.fail_after(5):
+                while alice.latest(cid) != kept:  # noqa: ASYNC110 - the resync
+                    await trio.sleep(0.01)
+        assert any("made after all" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="optichannel.client"):
+        async with open_client(signer, tmp_path / "alice.sqlite", port=None) as again:
+            assert again.latest(cid) == kept
+    assert any("brought back co-signed" in r.getMessage() for r in caplog.records)

@@ -25,6 +25,7 @@ from channel.machine import (
     PersistDropProposals,
     PersistLatest,
     PersistProposal,
+    PersistRevived,
 )
 from channel.state import ETH, Allocation, Params, SignedState, State
 from channel.store import (
@@ -809,4 +810,31 @@ def test_the_audit_trail_shows_only_what_is_committed(path: Path) -> None:
     store._db.execute("ROLLBACK")
     store.apply([proposal(f.params, 0, v1)])
     assert [v for v, _, _ in store.signed_states(f.params.channel_id)] == [0, 1]
+    store.close()
+
+
+def test_a_store_of_schema_1_is_migrated_and_keeps_its_channels(path: Path) -> None:
+    """A file written by the first release (schema 1: no ``revived_version``) opens as
+    schema 2 with its channel and latest state as they were, not marked revived; a
+    ``PersistRevived`` then marks the latest, and only while it is the latest."""
+    store = Store(path, owner=ALICE.address)
+    f = opened(store)
+    v1 = pay(f.v0, 1)
+    store.apply([PersistLatest(params=f.params, signed=cosign(f.params, v1))])
+    store.close()
+    raw = sqlite3.connect(path)  # back to what the first release wrote
+    raw.execute("ALTER TABLE channels DROP COLUMN revived_version")
+    raw.execute("UPDATE meta SET value=1 WHERE key='schema_version'")
+    raw.commit()
+    raw.close()
+    store = Store(path, owner=ALICE.address)
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    (rec,) = store.load()
+    assert rec.latest == cosign(f.params, v1) and not rec.revived
+    store.apply([PersistRevived(params=f.params, version=1)])
+    (rec,) = store.load()
+    assert rec.revived
+    store.apply([PersistLatest(params=f.params, signed=cosign(f.params, pay(v1, 2)))])
+    (rec,) = store.load()
+    assert not rec.revived
     store.close()
