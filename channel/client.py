@@ -511,9 +511,11 @@ class Client(ChannelTable):
                 ch.last_progress = trio.current_time()
                 if isinstance(note, NotifyAccepted):
                     ch.note_accepted()
-                elif note.retryable:
-                    ch.note_conflict()
                 else:
+                    if note.retryable:
+                        ch.note_conflict()
+                    # Our Open refused, for whatever reason (a "conflict" too): the
+                    # channel never existed (no-op for a channel that is open).
                     self._close_if_refused(cid)
                 self._pump(ch)  # a slot freed (or the channel just opened)
         elif isinstance(note, NotifyReceived):
@@ -599,6 +601,9 @@ async def open_client(
     ``max_channels_per_peer``, ``max_channels``: a peer's ``Open`` is refused (the
     opener gets ``UpdateRejected``) while that peer already has that many live (not
     closed) channels with us, or we have that many in all; our own opens are not capped.
+    Without an ``open_policy`` any key gets its channels: keys cost nothing, so 625 of
+    them can fill the 10,000 with channels never funded nor used, and those stay until
+    closed.  A client that listens for strangers should pass an ``open_policy``.
 
     ``busy_poll``: seconds the Trio loop keeps polling its sockets, instead of blocking,
     after the client sent frames (``channel.busypoll``; off by default, ``BUSY_POLL`` =

@@ -22,6 +22,7 @@ from channel.errors import (
     ConservationError,
     FundsAtRiskError,
     InvalidSignature,
+    StaleVersion,
     UnknownPeer,
     WrongChannel,
 )
@@ -105,6 +106,8 @@ class Inbound:
         #: Per peer, refusals of its messages no honest peer causes (see ``CULPABLE``),
         #: not yet counted by its link (``take_strikes``).
         self._strikes: dict[bytes, int] = {}
+        #: (peer, channel) whose repeated ``Open`` was answered on the peer's current link.
+        self._answered_opens: set[tuple[bytes, bytes]] = set()
 
     def on_connected(self, node_id: bytes) -> None:
         """A link to ``node_id`` is up: every channel with that peer resyncs.  What an
@@ -113,6 +116,7 @@ class Inbound:
         self._since_idle.pop(node_id, None)
         self._not_lone.discard(node_id)
         self._deferred.pop(node_id, None)
+        self._answered_opens = {k for k in self._answered_opens if k[0] != node_id}
         for ch in self.channels.values():
             if ch.peer_node_id == node_id:
                 self.outbox.emit(node_id, ch.machine.handle(ActionConnected()))
@@ -226,17 +230,27 @@ class Inbound:
         if existing is not None:
             if existing.peer_node_id != node_id:
                 raise UnknownPeer(f"{node_id.hex()[:16]} is not a party to {cid.hex()[:16]}")
-            # A repeated Open (the opener restarted): answer with where we stand.
+            # A repeated Open (the opener restarted): answer with where we stand, once
+            # per link (each answer re-sends our proposals in flight: repeated, it would
+            # be a peer's lever to make us send far more than it does).
+            key = (node_id, cid)
+            if key in self._answered_opens:
+                raise StaleVersion(f"Open for {cid.hex()[:16]} repeated on one link")
+            self._answered_opens.add(key)
             self.outbox.emit(node_id, existing.machine.handle(ActionConnected()))
             return
         if params.participants[1] != self.signer.address:
             raise UnknownPeer("Open does not name us as the second participant")
         if params.participants[0] != address_of_node_id(node_id):
             raise UnknownPeer("Open comes from a key that is not its first participant")
+        ChannelMachine.check_open(msg, 1)  # invalid: refused before any policy is asked
         reason = self._over_cap(node_id)
         if reason is None and self.open_policy is not None:
             reason = ask_policy(self.open_policy, params, msg.state)
         if reason is not None:
+            # A refusal costs the sender nothing and us a scan of our channels: it
+            # counts against the link, as a refused frame does (MAX_PEER_ERRORS).
+            self._strikes[node_id] = self._strikes.get(node_id, 0) + 1
             refusal = Reject(
                 channel_id=cid,
                 version=msg.state.version,  # 0 unless the Open is invalid too
@@ -254,6 +268,7 @@ class Inbound:
             defer=True,
         )
         status = FUNDING if self.require_funding else OPEN
-        self.channels[cid] = Lane(machine, node_id, None, status)
+        lane = self.channels[cid] = Lane(machine, node_id, None, status)
+        lane.durable = None  # v0 is co-signed, not yet durable: ``latest()`` waits for it
         self.outbox.add_op(PersistChannel(params=params, me=1, peer_node_id=node_id, status=status))
         self.outbox.emit(node_id, outputs)

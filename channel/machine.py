@@ -247,14 +247,7 @@ class ChannelMachine:
         and that its own policy wants this channel.
         """
         params, state = msg.params, msg.state
-        if state.channel_id != params.channel_id:
-            raise WrongChannel("Open: the state names another channel")
-        if state.version != 0 or state.is_final:
-            raise StaleVersion("Open: the initial state must be version 0 and not final")
-        if any(a.locked for a in state.allocations):
-            raise ConservationError("Open: the initial state must lock nothing")
-        digest = state_digest(params, state)
-        verify(digest, msg.signature, params.participants[1 - me])
+        digest = cls.check_open(msg, me)
         sigs: list[bytes | None] = [None, None]
         sigs[1 - me] = msg.signature
         sigs[me] = sign(digest)
@@ -275,6 +268,21 @@ class ChannelMachine:
             SendMessage(accept),
             NotifyReceived(signed=signed),
         ]
+
+    @staticmethod
+    def check_open(msg: Open, me: int) -> bytes:
+        """The digest of a peer's valid ``Open``; raises ``RemoteProtocolError`` if it is
+        not one (nothing is signed: ask policies only after this)."""
+        params, state = msg.params, msg.state
+        if state.channel_id != params.channel_id:
+            raise WrongChannel("Open: the state names another channel")
+        if state.version != 0 or state.is_final:
+            raise StaleVersion("Open: the initial state must be version 0 and not final")
+        if any(a.locked for a in state.allocations):
+            raise ConservationError("Open: the initial state must lock nothing")
+        digest = state_digest(params, state)
+        verify(digest, msg.signature, params.participants[1 - me])
+        return digest
 
     # -- queries ------------------------------------------------------------
 

@@ -321,11 +321,19 @@ class Outbox:
             or trio.lowlevel.current_statistics().tasks_runnable > 1 + busypoll.runnable()
         ):
             return
+        commits = self.store.commits
         try:
             plan = self.store.prepare(self.ops)
             if not committer.try_commit_inline(plan):
                 return
-        except Exception:
+        except BaseException as exc:
+            if self.store.commits != commits:
+                # The commit stood, and something (a KeyboardInterrupt) came right after
+                # it: the batch is durable, so it goes out now and is not committed again.
+                self._deliver(*self._take())
+                raise
+            if not isinstance(exc, Exception):
+                raise
             # Nothing was taken and the transaction rolled back: the flusher meets the
             # same error with everything still queued, as without the shortcut.
             self.wake.set()

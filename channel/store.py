@@ -130,6 +130,9 @@ class Store:
             raise StoreError(f"{self.path}: {exc}") from None
         self._checkpointer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        #: Transactions committed so far: a caller interrupted mid-``commit`` tells by it
+        #: whether the commit stood.
+        self.commits = 0
 
     # -- checkpoints ------------------------------------------------------------
 
@@ -292,6 +295,7 @@ class Store:
             try:
                 yield db
                 db.execute("COMMIT")
+                self.commits += 1
             except BaseException:
                 # Also for an exception raised after COMMIT returned (a KeyboardInterrupt
                 # at that instant): the commit stands, and the exception goes on as itself

@@ -141,3 +141,45 @@ async def test_a_store_that_stops_committing_stops_its_client_and_loses_nothing(
     assert not ledger.problems and not rec.problems, (ledger.problems, rec.problems)
     assert r > 0  # commits before the K-th succeeded: some pays returned
     assert r <= moved <= r + u, (seed, fail_from, sums, moved)
+
+
+async def test_an_interrupt_right_after_an_inline_commit_comes_out_as_itself(
+    tmp_path: Path,
+) -> None:
+    """A KeyboardInterrupt lands the instant a lock-step commit on the Trio thread
+    returned: the client ends with that interrupt, not a ``StoreError`` (the flusher
+    committed the same batch again: "already signed (rule S)"), and what was committed
+    is there after a restart."""
+    alice_key, bob_key = Signer.generate(), Signer.generate()  # test-only keys
+    caught: list[BaseException] = []
+    async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
+        try:
+            async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
+                cid = await alice.open_channel(
+                    bob.peer_address(),
+                    chain_id=1,
+                    adjudicator=ADJ,
+                    challenge_duration=60,
+                    balances=[(ETH, 10**6, 10**6)],
+                )
+                for _ in range(3):
+                    await alice.pay(cid, ETH, 1)
+                real = alice.store.commit
+                interrupted: list[int] = []
+
+                def commit(plan: Any) -> None:
+                    real(plan)
+                    if not interrupted and alice.outbox.ops:  # inline: still queued
+                        interrupted.append(1)
+                        raise KeyboardInterrupt
+
+                alice.store.commit = commit  # type: ignore[method-assign]
+                await alice.pay(cid, ETH, 1)
+                await alice.pay(cid, ETH, 1)
+        except BaseException as exc:  # what ends the client is the subject
+            caught.append(exc)
+        assert interrupted, "no inline commit ran"
+    assert len(caught) == 1 and type(caught[0]) is KeyboardInterrupt, caught
+    async with open_client(alice_key, tmp_path / "alice.sqlite", port=None) as again:
+        latest = again.latest(cid)
+        assert latest is not None and latest.state.version >= 3
