@@ -329,14 +329,6 @@ class Client(ChannelTable):
         ``w.error`` and wakes its caller."""
         assert w.fn is not None
         m = ch.machine
-        if self._retrying:
-            late = self._retrying.get(w.uid)
-            if late is not None:
-                # The peer countersigned the proposal it refused after all (a resync
-                # revived it): the update is made, and must not be made again.
-                w.result = late
-                w.event.set()
-                return
         if m.deferred:
             # The peer's checked proposals are countersigned first, and ``fn`` sees the
             # state they reach: computed on the one before, our update would undo them.
@@ -488,8 +480,9 @@ class Client(ChannelTable):
                     and waiter.fn is not None
                     and not waiter.cancelled  # its ``update`` has returned
                 ):
-                    # ``update`` may retry it: until it is done, a revived proposal of
-                    # this update must reach it (see ``_propose``).
+                    # ``update`` may yet raise for it: until it is done, a revived
+                    # proposal of this update must reach it (a retry of one the machine
+                    # answers itself, see ``channel.revival.answer_made``).
                     self._retrying.setdefault(note.update_id, None)
             elif isinstance(note, NotifyAccepted):
                 if note.update_id in self._retrying:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import trio
 from crash_checks import Recorder, check_store
+from test_client import _open
 from test_client_chaos import Ledger
 
 from channel.client import Client, open_client
@@ -155,13 +156,7 @@ async def test_an_interrupt_right_after_an_inline_commit_comes_out_as_itself(
     async with open_client(bob_key, tmp_path / "bob.sqlite") as bob:
         try:
             async with open_client(alice_key, tmp_path / "alice.sqlite") as alice:
-                cid = await alice.open_channel(
-                    bob.peer_address(),
-                    chain_id=1,
-                    adjudicator=ADJ,
-                    challenge_duration=60,
-                    balances=[(ETH, 10**6, 10**6)],
-                )
+                cid = await _open(alice, bob, 10**6)
                 for _ in range(3):
                     await alice.pay(cid, ETH, 1)
                 real = alice.store.commit

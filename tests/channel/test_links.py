@@ -139,6 +139,37 @@ async def _still_open(conn: Connection, wait: float) -> bool:
     return True
 
 
+async def _serve_links(nursery: trio.Nursery, links: Links, key: Signer) -> PeerAddress:
+    """Serve ``links.accept`` under ``key`` on a free port; its address."""
+    links.attach(nursery)
+    listening = await nursery.start(partial(serve, key, links.accept))
+    return PeerAddress(node_id=key.node_id, host="127.0.0.1", port=listening.port)
+
+
+async def _dial_at_once(
+    address: PeerAddress, keys: list[Signer]
+) -> tuple[list[Connection], list[bool]]:
+    """One connection per entry of ``keys``, all dialled at once; then, for each, whether
+    it is still open a second later (the far side closes those it replaced)."""
+    conns: list[Connection] = []
+
+    async def dial(key: Signer) -> None:
+        conns.append(await connect(key, address))
+
+    async with trio.open_nursery() as dials:
+        for key in keys:
+            dials.start_soon(dial, key)
+    open_now = [False] * len(conns)
+
+    async def probe(i: int) -> None:
+        open_now[i] = await _still_open(conns[i], 1.0)
+
+    async with trio.open_nursery() as probes:
+        for i in range(len(conns)):
+            probes.start_soon(probe, i)
+    return conns, open_now
+
+
 async def test_many_links_from_one_key_at_once_leave_exactly_one_running() -> None:
     """Ten connections from one key come up at once: each replaces the link before it,
     and when they have settled exactly one runs, the one ``peers`` tracks.  (Each waited
@@ -148,25 +179,8 @@ async def test_many_links_from_one_key_at_once_leave_exactly_one_running() -> No
     with trio.fail_after(TEST_DEADLINE):
         async with trio.open_nursery() as nursery:
             links = _links(bob)
-            links.attach(nursery)
-            listening = await nursery.start(partial(serve, bob, links.accept))
-            address = PeerAddress(node_id=bob.node_id, host="127.0.0.1", port=listening.port)
-            conns: list[Connection] = []
-
-            async def dial() -> None:
-                conns.append(await connect(alice, address))
-
-            async with trio.open_nursery() as dials:
-                for _ in range(10):
-                    dials.start_soon(dial)
-            open_now: list[bool] = [False] * len(conns)
-
-            async def probe(i: int) -> None:
-                open_now[i] = await _still_open(conns[i], 1.0)
-
-            async with trio.open_nursery() as probes:
-                for i in range(len(conns)):
-                    probes.start_soon(probe, i)
+            address = await _serve_links(nursery, links, bob)
+            conns, open_now = await _dial_at_once(address, [alice] * 10)
             assert sum(open_now) == 1, f"{sum(open_now)} of 10 links from one key still run"
             assert alice.node_id in links.peers
             for c in conns:
@@ -223,25 +237,8 @@ async def test_a_pile_of_connections_from_one_key_costs_one_replacement_each(
     with trio.fail_after(TEST_DEADLINE):
         async with trio.open_nursery() as nursery:
             links = _links(bob)
-            links.attach(nursery)
-            listening = await nursery.start(partial(serve, bob, links.accept))
-            address = PeerAddress(node_id=bob.node_id, host="127.0.0.1", port=listening.port)
-            conns: list[Connection] = []
-
-            async def dial() -> None:
-                conns.append(await connect(alice, address))
-
-            async with trio.open_nursery() as dials:
-                for _ in range(200):
-                    dials.start_soon(dial)
-            open_now = [False] * len(conns)
-
-            async def probe(i: int) -> None:
-                open_now[i] = await _still_open(conns[i], 1.0)
-
-            async with trio.open_nursery() as probes:
-                for i in range(len(conns)):
-                    probes.start_soon(probe, i)
+            address = await _serve_links(nursery, links, bob)
+            conns, open_now = await _dial_at_once(address, [alice] * 200)
             assert sum(open_now) == 1
             # five or so each (the replacement, its own close, the server's): linear, not N²
             assert closes <= 10 * len(conns), f"{closes} closes for {len(conns)} connections"
@@ -266,26 +263,8 @@ async def test_strangers_never_hold_more_links_than_the_cap() -> None:
                 known_peers=lambda: (),
             )
             links.max_strangers = 4
-            links.attach(nursery)
-            listening = await nursery.start(partial(serve, bob, links.accept))
-            address = PeerAddress(node_id=bob.node_id, host="127.0.0.1", port=listening.port)
-            conns: list[Connection] = []
-
-            async def dial(key: Signer) -> None:
-                conns.append(await connect(key, address))
-
-            async with trio.open_nursery() as dials:
-                for key in keys:
-                    dials.start_soon(dial, key)
-                    dials.start_soon(dial, key)
-            open_now = [False] * len(conns)
-
-            async def probe(i: int) -> None:
-                open_now[i] = await _still_open(conns[i], 1.0)
-
-            async with trio.open_nursery() as probes:
-                for i in range(len(conns)):
-                    probes.start_soon(probe, i)
+            address = await _serve_links(nursery, links, bob)
+            conns, open_now = await _dial_at_once(address, [k for k in keys for _ in (0, 1)])
             assert len(links._strangers) <= 4
             assert sum(open_now) <= 4, f"{sum(open_now)} stranger connections open, cap 4"
             assert len(links.peers) <= 4
